@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine with nothing but Python 3.10+:
+#   make demo   set up .venv and run the pipeline on the embedded default (synthetic archive)
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+WORKDIR ?= demo-run
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+# One pip command for everything: s3fs and moto[server] must be resolved together or their
+# botocore pins clash. Re-installs only when the project's dependency files change.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m cam2seg.doctor
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cam2seg demo --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache build *.egg-info

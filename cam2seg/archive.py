@@ -1,0 +1,301 @@
+"""Readers for labelled image archives in the Severstal layout (DESIGN.md, "Contracts").
+
+An archive is a folder (any fsspec URL) holding ``train_images/<ImageId>`` and one of:
+
+* ``train.csv`` with ``ImageId,ClassId,EncodedPixels``: one row per non-empty (image, class)
+  mask; images absent from it are clean. With ``EncodedPixels`` empty in every row it is a
+  labels-only archive (image-level labels, no masks).
+* ``labels.csv`` with ``ImageId`` and one 0/1 column per class (``1``..``C``, ``class_1``,
+  ``Class1``...): one row per image, clean ones included. Always labels-only.
+
+``Archive.open(URL)`` takes the folder (``train.csv`` preferred, else ``labels.csv``) or a
+CSV file inside it, which picks that file. Class ids are 1-based in files and the label
+store; array axes are 0-based (axis c holds ClassId c + 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import io, rle
+
+__all__ = ["ArchiveError", "Archive", "NUM_CLASSES"]
+
+NUM_CLASSES = 4
+IMAGES_DIR = "train_images"
+_MAX_LISTED = 5
+
+
+class ArchiveError(ValueError):
+    """A malformed archive; the message names the file and the offending lines."""
+
+
+def _lines(items: list[str]) -> str:
+    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return "; ".join(items[:_MAX_LISTED]) + more
+
+
+@dataclass
+class Archive:
+    """Image-level labels (and true masks where present) of one archive.
+
+    ``image_ids``: sorted keys relative to ``images_url``. ``labels``: ``uint8[N, C]``.
+    ``has_masks``: whether ``masks()`` returns true masks. Masks are decoded on demand.
+    """
+
+    root: str
+    source: str
+    image_ids: list[str]
+    labels: np.ndarray
+    has_masks: bool
+    num_classes: int = NUM_CLASSES
+    _rles: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict, repr=False)
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def images_url(self) -> str:
+        return io.join(self.root, IMAGES_DIR)
+
+    @property
+    def class_ids(self) -> list[int]:
+        return list(range(1, self.num_classes + 1))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def index(self, image_id: str) -> int:
+        try:
+            return self._index[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in archive {self.root}") from None
+
+    def image_url(self, image_id: str) -> str:
+        self.index(image_id)
+        return io.join(self.images_url, image_id)
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """``uint8[H, W]`` or ``uint8[H, W, 3]``."""
+        return io.decode_image(io.read_bytes(self.image_url(image_id)))
+
+    def image_shape(self, image_id: str) -> tuple[int, int]:
+        return io.image_size(io.read_bytes(self.image_url(image_id)))
+
+    def rle(self, image_id: str, class_id: int) -> str:
+        """The true mask's RLE for (image, 1-based class id); "" when absent."""
+        self.index(image_id)
+        return self._rles.get((image_id, class_id), ("", 0))[0]
+
+    def masks(self, image_id: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """True masks ``bool[C, H, W]`` of one image; ``shape`` saves reading the image header."""
+        if not self.has_masks:
+            raise ArchiveError(f"{self.source} holds image-level labels only, no masks")
+        h, w = shape if shape is not None else self.image_shape(image_id)
+        out = np.zeros((self.num_classes, h, w), dtype=bool)
+        for c in self.class_ids:
+            text, line = self._rles.get((image_id, c), ("", 0))
+            if text:
+                try:
+                    out[c - 1] = rle.decode(text, h, w)
+                except rle.RLEError as e:
+                    raise ArchiveError(f"{self.source} line {line}: {image_id} class {c}: {e}") from None
+        return out
+
+    def true_areas(self) -> np.ndarray:
+        """``int64[N, C]`` true mask areas (from the run lengths, nothing decoded)."""
+        if not self.has_masks:
+            raise ArchiveError(f"{self.source} holds image-level labels only, no masks")
+        out = np.zeros((len(self), self.num_classes), dtype=np.int64)
+        for (image_id, c), (text, _) in self._rles.items():
+            out[self._index[image_id], c - 1] = rle.runs(text, 1, 2**40)[1].sum()
+        return out
+
+    @property
+    def defective(self) -> np.ndarray:
+        """``bool[N]``: images with at least one defect class."""
+        return self.labels.any(axis=1)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, url: str, num_classes: int = NUM_CLASSES, check_images: bool = True) -> Archive:
+        """Read and validate an archive's labels; see the module docstring for layouts.
+
+        ``check_images`` lists ``train_images/`` (one listing call) and fails on CSV rows
+        whose image is missing.
+        """
+        url = str(url).rstrip("/")
+        if url.lower().endswith(".csv"):
+            root, _, name = url.rpartition("/")
+            candidates = [name]
+        else:
+            root, candidates = url, ["train.csv", "labels.csv"]
+        source = next((io.join(root, n) for n in candidates if io.exists(io.join(root, n))), None)
+        if source is None:
+            raise ArchiveError(f"no {' or '.join(candidates)} in archive {root}")
+        text = io.read_bytes(source).decode("utf-8-sig")
+        rows = list(csv.reader(_io.StringIO(text)))
+        if not rows:
+            raise ArchiveError(f"{source} is empty (expected a header row)")
+        header = [h.strip() for h in rows[0]]
+        if "ImageId" in header and "ClassId" in header:
+            parsed = _parse_long(source, header, rows[1:], num_classes)
+        else:
+            parsed = _parse_wide(source, header, rows[1:], num_classes)
+        listed_ids, labels_by_id, rles, has_masks = parsed
+
+        if check_images:
+            try:
+                present = set(io.list_images(io.join(root, IMAGES_DIR)))
+            except FileNotFoundError:
+                raise ArchiveError(f"archive {root} has no {IMAGES_DIR}/ folder") from None
+            missing = [f"line {line}: {iid}" for iid, line in listed_ids.items() if iid not in present]
+            if missing:
+                raise ArchiveError(
+                    f"{source}: {len(missing)} image(s) listed but missing under {root}/{IMAGES_DIR}/: "
+                    + _lines(missing)
+                )
+        else:
+            present = set(listed_ids)
+        if source.endswith("labels.csv") or "ClassId" not in header:
+            image_ids = sorted(listed_ids)  # the wide file lists every image, clean included
+        else:
+            image_ids = sorted(present | set(listed_ids))  # absent from train.csv = clean
+        labels = np.zeros((len(image_ids), num_classes), dtype=np.uint8)
+        index = {iid: i for i, iid in enumerate(image_ids)}
+        for iid, lab in labels_by_id.items():
+            labels[index[iid]] = lab
+        return cls(
+            root=root,
+            source=source,
+            image_ids=image_ids,
+            labels=labels,
+            has_masks=has_masks,
+            num_classes=num_classes,
+            _rles=rles,
+            _index=index,
+        )
+
+
+def _check_id(source: str, line: int, image_id: str) -> str:
+    try:
+        return io.check_key(image_id.strip())
+    except ValueError as e:
+        raise ArchiveError(f"{source} line {line}: bad ImageId: {e}") from None
+
+
+def _parse_long(source, header, rows, num_classes):
+    """train.csv: ImageId,ClassId,EncodedPixels; one row per (image, defect class)."""
+    missing = [c for c in ("ImageId", "ClassId", "EncodedPixels") if c not in header]
+    if missing:
+        raise ArchiveError(f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
+    ci, cc, ce = (header.index(c) for c in ("ImageId", "ClassId", "EncodedPixels"))
+    listed: dict[str, int] = {}
+    labels: dict[str, np.ndarray] = {}
+    rles: dict[tuple[str, int], tuple[str, int]] = {}
+    seen: dict[tuple[str, int], int] = {}
+    bad, dup = [], []
+    n_with, n_without = 0, 0
+    for i, row in enumerate(rows):
+        line = i + 2  # 1-based, after the header
+        if not row or all(not x.strip() for x in row):
+            continue
+        if len(row) != len(header):
+            bad.append(f"line {line}: {len(row)} fields, header has {len(header)}")
+            continue
+        image_id = _check_id(source, line, row[ci])
+        try:
+            class_id = int(row[cc])
+        except ValueError:
+            bad.append(f"line {line}: ClassId {row[cc]!r} is not an integer")
+            continue
+        if not 1 <= class_id <= num_classes:
+            bad.append(f"line {line}: ClassId {class_id} out of range 1..{num_classes}")
+            continue
+        key = (image_id, class_id)
+        if key in seen:
+            dup.append(f"lines {seen[key]} and {line}: ({image_id}, {class_id})")
+            continue
+        seen[key] = line
+        text = row[ce].strip()
+        if text:
+            try:
+                rle.runs(text, 1, 2**40)  # syntax and order; bounds are checked at decode time
+            except rle.RLEError as e:
+                bad.append(f"line {line}: EncodedPixels: {e}")
+                continue
+            n_with += 1
+            rles[key] = (text, line)
+        else:
+            n_without += 1
+        listed.setdefault(image_id, line)
+        labels.setdefault(image_id, np.zeros(num_classes, dtype=np.uint8))[class_id - 1] = 1
+    if bad:
+        raise ArchiveError(f"{source}: {len(bad)} bad row(s): " + _lines(bad))
+    if dup:
+        raise ArchiveError(f"{source}: {len(dup)} duplicate (ImageId, ClassId) row(s): " + _lines(dup))
+    if n_with and n_without:
+        raise ArchiveError(
+            f"{source}: {n_without} row(s) have empty EncodedPixels and {n_with} do not; a file holds "
+            "either masks for every row or image-level labels only"
+        )
+    return listed, labels, rles, n_with > 0
+
+
+_CLASS_COL = re.compile(r"^(?:class[_ ]?)?(\d+)$", re.IGNORECASE)
+
+
+def _parse_wide(source, header, rows, num_classes):
+    """labels.csv: ImageId plus one 0/1 column per class; one row per image."""
+    if "ImageId" not in header:
+        raise ArchiveError(f"{source}: missing column ImageId; found {', '.join(header)}")
+    cols: dict[int, int] = {}
+    for j, name in enumerate(header):
+        m = _CLASS_COL.match(name)
+        if m:
+            cols[int(m.group(1))] = j
+    want = list(range(1, num_classes + 1))
+    if sorted(cols) != want:
+        raise ArchiveError(
+            f"{source}: expected one 0/1 column per class {want} (named 1..{num_classes} or class_1..), "
+            f"found {', '.join(header)}"
+        )
+    ci = header.index("ImageId")
+    listed: dict[str, int] = {}
+    labels: dict[str, np.ndarray] = {}
+    bad, dup = [], []
+    for i, row in enumerate(rows):
+        line = i + 2
+        if not row or all(not x.strip() for x in row):
+            continue
+        if len(row) != len(header):
+            bad.append(f"line {line}: {len(row)} fields, header has {len(header)}")
+            continue
+        image_id = _check_id(source, line, row[ci])
+        if image_id in listed:
+            dup.append(f"lines {listed[image_id]} and {line}: {image_id}")
+            continue
+        vals = [row[cols[c]].strip() for c in want]
+        if any(v not in ("0", "1") for v in vals):
+            bad.append(f"line {line}: class columns must be 0 or 1, got {vals}")
+            continue
+        listed[image_id] = line
+        labels[image_id] = np.array([int(v) for v in vals], dtype=np.uint8)
+    if bad:
+        raise ArchiveError(f"{source}: {len(bad)} bad row(s): " + _lines(bad))
+    if dup:
+        raise ArchiveError(f"{source}: {len(dup)} duplicate ImageId row(s): " + _lines(dup))
+    return listed, labels, {}, False
+
+
+def iter_class_masks(archive: Archive, limit: int | None = None, shape: tuple[int, int] | None = None):
+    """Yield (class id, ``bool[H, W]``) for every true mask of the first ``limit`` defective images."""
+    ids = [iid for iid, d in zip(archive.image_ids, archive.defective) if d][:limit]
+    for image_id in ids:
+        masks = archive.masks(image_id, shape)
+        for c in range(archive.num_classes):
+            if masks[c].any():
+                yield c + 1, masks[c]

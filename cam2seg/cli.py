@@ -1,0 +1,135 @@
+"""The ``cam2seg`` command line (DESIGN.md, "Command line").
+
+Every command takes ``--config FILE``: flags override the file, the file overrides defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import __version__
+
+__all__ = ["main"]
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (any fsspec URL); flags override it")
+
+
+def _synth_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, help="number of images (default 1000)")
+    p.add_argument("--height", type=int, help="image height in pixels (default 256)")
+    p.add_argument("--width", type=int, help="image width in pixels (default 1600)")
+    p.add_argument("--seed", type=int, help="random seed; the same seed gives the same bytes (default 0)")
+    p.add_argument("--clean-fraction", type=float, help="share of defect-free images (default 0.45)")
+    p.add_argument("--workers", type=int, help="processes generating in parallel (default 1)")
+
+
+def _synth_overrides(args) -> dict:
+    return {"synth": {k: getattr(args, k) for k in ("images", "height", "width", "seed", "clean_fraction", "workers")}}
+
+
+def _print_stats(url: str, limit: int | None) -> None:
+    from . import archive as archive_mod
+    from . import maskstats
+
+    arch = archive_mod.Archive.open(url)
+    if not arch.has_masks:
+        raise archive_mod.ArchiveError(f"{arch.source} holds no masks: nothing to measure")
+    first = next(iid for iid, d in zip(arch.image_ids, arch.defective) if d)
+    h, w = arch.image_shape(first)
+    t0 = time.perf_counter()
+    values = maskstats.collect(archive_mod.iter_class_masks(arch, limit, shape=(h, w)))
+    summary = maskstats.summarise(values)
+    print(maskstats.format_comparison(summary, h, w))
+    print(f"(measured {sum(len(v['area']) for v in values.values())} masks in {time.perf_counter() - t0:.1f}s)")
+
+
+def cmd_synth(args) -> int:
+    from . import synth
+    from .config import load_config
+
+    cfg = load_config(args.config, _synth_overrides(args)).synth
+    summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction, cfg.workers)
+    print(f"wrote {summary['images']} images ({cfg.height}x{cfg.width}) to {args.out} "
+          f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s)")
+    per_class = ", ".join(f"class {c}: {n}" for c, n in summary["images_per_class"].items())
+    print(f"  clean images: {summary['clean_images']}; images per class: {per_class}; masks: {summary['masks']}")
+    print(f"  {args.out}/train.csv (masks, Kaggle RLE), {args.out}/labels.csv (labels only), "
+          f"{args.out}/train_images/")
+    if args.stats:
+        _print_stats(args.out, None)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    _print_stats(args.archive, args.limit)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import io, synth
+
+    workdir = args.workdir.rstrip("/")
+    archive = io.join(workdir, "archive")
+    print(f"== cam2seg demo in {workdir}")
+    print("== stage 0: synthetic Severstal-like archive")
+    if io.exists(io.join(archive, "train.csv")):
+        meta = json.loads(io.read_bytes(io.join(archive, "synth.json")))
+        print(f"archive already present ({meta['images']} images); reusing it")
+    else:
+        summary = synth.write_archive(archive, args.images, args.height, args.width, seed=0)
+        print(json.dumps(summary, indent=2))
+    _print_stats(archive, None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cam2seg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cam2seg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic Severstal-like archive")
+    p.add_argument("out", metavar="OUT", help="output folder (local path, file:// or s3:// URL)")
+    _synth_flags(p)
+    p.add_argument("--stats", action="store_true", help="print mask geometry beside real Severstal's")
+    _add_config(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("stats", help="mask geometry of an archive with true masks, beside real Severstal's")
+    p.add_argument("archive", metavar="ARCHIVE", help="archive folder or its train.csv")
+    p.add_argument("--limit", type=int, help="measure only the first N defective images")
+    _add_config(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("demo", help="the pipeline on the embedded default (synthetic archive)")
+    p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run)")
+    p.add_argument("--images", type=int, default=400, help="synthetic images (default 400)")
+    p.add_argument("--height", type=int, default=128, help="image height (default 128)")
+    p.add_argument("--width", type=int, default=800, help="image width (default 800)")
+    _add_config(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .archive import ArchiveError
+    from .config import ConfigError
+    from .rle import RLEError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ArchiveError, RLEError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"cam2seg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cam2seg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Object-storage-neutral file access: every path is an fsspec URL.
+
+``s3://bucket/key``, ``file:///abs/path`` and plain local paths behave the same. S3 endpoint
+and credentials come from the environment the way boto does it (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, profiles, instance roles) or from fsspec's
+own configuration (``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec``); nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "filesystem",
+    "join",
+    "check_key",
+    "list_images",
+    "read_bytes",
+    "write_bytes",
+    "exists",
+    "decode_image",
+    "encode_png",
+    "to_rgb",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class ImageDecodeError(ValueError):
+    """An image file that cannot become a uint8 array; the message is the reason."""
+
+
+def filesystem(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for any fsspec URL or local path."""
+    fs, path = fsspec.core.url_to_fs(str(url), **storage_options)
+    return fs, path
+
+
+def join(url: str, *keys: str) -> str:
+    """Join checked relative keys onto a URL with '/' (keys must pass :func:`check_key`)."""
+    url = str(url).rstrip("/")
+    for key in keys:
+        url = url + "/" + check_key(key)
+    return url
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key ('a/b.jpg'), else raise ValueError.
+
+    Image ids come from CSV files and listings that other people wrote; they are joined onto
+    archive roots, so anything that could escape the root or alias another key is refused.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"empty or non-string key: {key!r}")
+    if "\\" in key or "\x00" in key or key.startswith("/") or "://" in key:
+        raise ValueError(f"unsafe key {key!r}: must be a relative path with '/' separators")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"unsafe key {key!r}: empty, '.' or '..' path segment")
+    return key
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def list_images(prefix: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, **storage_options) -> list[str]:
+    """Keys of image files under ``prefix`` (recursive), relative to it, sorted.
+
+    One recursive listing call (a paginated ListObjectsV2 on S3, a directory walk locally),
+    filtered by extension case-insensitively. Raises FileNotFoundError for a missing prefix.
+    """
+    fs, root = filesystem(prefix, **storage_options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"image prefix not found: {prefix}")
+    if fs.isfile(root):
+        raise NotADirectoryError(f"image prefix is a file, not a folder: {prefix}")
+    exts = tuple(e.lower() for e in extensions)
+    keys = []
+    for path in fs.find(root, withdirs=False):
+        rel = posixpath.relpath(path, root) if isinstance(fs, LocalFileSystem) else path[len(root) + 1 :]
+        rel = rel.replace(os.sep, "/")
+        if rel.lower().endswith(exts) and not any(p.startswith(".") for p in rel.split("/")):
+            keys.append(rel)
+    keys.sort()
+    return keys
+
+
+def read_bytes(url: str, **storage_options) -> bytes:
+    fs, path = filesystem(url, **storage_options)
+    return fs.cat_file(path)
+
+
+def exists(url: str, **storage_options) -> bool:
+    fs, path = filesystem(url, **storage_options)
+    return fs.exists(path)
+
+
+def write_bytes(url: str, data: bytes, **storage_options) -> None:
+    """Write a whole file so that readers see either the old content or the new, never a part.
+
+    Locally: a temporary file beside the target, then an atomic rename. On object stores a
+    single PUT is already atomic. Parent folders are created where the backend has them.
+    """
+    fs, path = filesystem(url, **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode JPEG/PNG bytes to ``uint8[H, W]`` (grayscale) or ``uint8[H, W, 3]`` (colour).
+
+    Palette and bilevel images are expanded; RGBA/LA with a fully opaque alpha lose the alpha.
+    Refused with ImageDecodeError (the message is the reason): empty or truncated files,
+    non-images, 16-bit or float images (no safe 8-bit scaling is implied), and images with
+    real transparency.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        raise ImageDecodeError(f"16/32-bit image (mode {mode}); convert the archive to 8-bit")
+    if mode == "F":
+        raise ImageDecodeError("floating-point image (mode F); convert the archive to 8-bit")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        if (rgba[..., 3] != 255).any():
+            raise ImageDecodeError(f"image has transparent pixels (mode {mode}); flatten it first")
+        img = img.convert("L" if mode == "LA" else "RGB")
+    elif mode in ("1", "L"):
+        img = img.convert("L")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from an image's header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageDecodeError(f"cannot read image header: {e}") from None
+    return h, w
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """``uint8[H, W]`` or ``uint8[H, W, 3]`` -> ``uint8[H, W, 3]`` (grey replicated)."""
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise ValueError(f"expected [H, W] or [H, W, 3], got {image.shape}")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
