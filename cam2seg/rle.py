@@ -25,8 +25,9 @@ class RLEError(ValueError):
 def _column_major(masks: np.ndarray) -> np.ndarray:
     """bool[..., H, W] -> uint8[N, H*W] with pixels in Kaggle order (column-major)."""
     n = int(np.prod(masks.shape[:-2], dtype=np.int64))
+    hw = masks.shape[-2] * masks.shape[-1]
     # Transposing H and W then C-flattening is column-major order per mask.
-    return np.ascontiguousarray(np.swapaxes(masks, -1, -2)).reshape(n, -1).view(np.uint8)
+    return np.ascontiguousarray(np.swapaxes(masks, -1, -2)).reshape(n, hw).view(np.uint8)
 
 
 def encode_many(masks: np.ndarray) -> list[str]:
@@ -36,28 +37,25 @@ def encode_many(masks: np.ndarray) -> list[str]:
         raise ValueError(f"masks must be [..., H, W], got shape {masks.shape}")
     if masks.dtype != np.bool_:
         masks = masks.astype(bool)
-    flat = _column_major(masks)
+    flat = _column_major(masks).view(bool)
     n, hw = flat.shape
     if n == 0:
         return []
-    # A zero column on both sides turns every run into one rising and one falling edge.
-    padded = np.zeros((n, hw + 2), dtype=np.int8)
-    padded[:, 1:-1] = flat
-    rows, cols = np.nonzero(np.diff(padded, axis=1))
-    # Edges alternate start, end within each row; cols are 0-based positions of the edge,
-    # which is the 1-based pixel number of a start and one past the last pixel of a run.
+    # A run starts where a pixel differs from the one before it (or is first and set) and
+    # ends where it differs again; edges alternate start, end within each mask.
+    edges = np.empty((n, hw + 1), dtype=bool)
+    edges[:, 0] = flat[:, 0]
+    edges[:, -1] = flat[:, -1]
+    np.not_equal(flat[:, 1:], flat[:, :-1], out=edges[:, 1:-1])
+    rows, cols = np.nonzero(edges)
+    # cols are 0-based edge positions: the 1-based pixel number of a start minus one, and one
+    # past the last pixel of a run (0-based).
     starts, ends = cols[0::2], cols[1::2]
-    pairs = np.empty(2 * len(starts), dtype=np.int64)
-    pairs[0::2] = starts + 1
-    pairs[1::2] = ends - starts
-    counts = np.bincount(rows[0::2], minlength=n) * 2
-    text = " ".join(map(str, pairs.tolist())).split(" ") if len(pairs) else []
-    out: list[str] = []
-    pos = 0
-    for c in counts.tolist():
-        out.append(" ".join(text[pos : pos + c]))
-        pos += c
-    return out
+    pairs = np.empty((len(starts), 2), dtype=np.int64)
+    pairs[:, 0] = starts + 1
+    pairs[:, 1] = ends - starts
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(rows[0::2], minlength=n))])
+    return [" ".join(map(str, pairs[a:b].ravel().tolist())) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def encode(mask: np.ndarray) -> str:
@@ -132,11 +130,14 @@ def decode(rle: str, height: int, width: int) -> np.ndarray:
     """Decode a Kaggle RLE string to ``bool[height, width]``; "" (or None/NaN) is an empty mask."""
     starts, lengths = runs(rle, height, width)
     total = height * width
-    # +1 at each run's first pixel and -1 after its last; the running sum is the mask.
-    edges = np.zeros(total + 1, dtype=np.int8)
-    edges[starts - 1] = 1
-    edges[starts - 1 + lengths] -= 1
-    flat = np.cumsum(edges[:-1], dtype=np.int8).astype(bool)
+    # Alternating gap / run segments expanded with np.repeat: one pass writing each pixel once.
+    counts = np.empty(2 * len(starts) + 1, dtype=np.int64)
+    counts[0:-1:2] = starts - 1 - np.concatenate([[0], (starts + lengths - 1)[:-1]])
+    counts[1::2] = lengths
+    counts[-1] = total - (starts[-1] + lengths[-1] - 1) if len(starts) else total
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
     return flat.reshape(width, height).T
 
 

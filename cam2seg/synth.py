@@ -118,10 +118,14 @@ def _band(rng, h: float, thickness: float, drift: float, taper: bool) -> np.ndar
     return np.abs(x - centre[:, None]) <= half[:, None]
 
 
-def _component(rng, class_id: int, sy: float, sx: float, H: int) -> np.ndarray:
-    """One connected defect component of a class, in its own bounding box."""
+def _component(rng, class_id: int, sy: float, sx: float, H: int, alone: bool) -> np.ndarray:
+    """One connected defect component of a class, in its own bounding box.
+
+    ``alone``: the mask's only component (a lone pit is larger than the pits of a cluster).
+    """
     if class_id == 1:  # compact pits: median ~40 x 24 at 256x1600
-        return _blob(rng, _lognormal(rng, 44, 0.35, 14, 140) * sy, _lognormal(rng, 27, 0.25, 12, 60) * sx, 0.25)
+        k = 1.5 if alone else 1.0
+        return _blob(rng, k * _lognormal(rng, 44, 0.35, 14, 140) * sy, k * _lognormal(rng, 27, 0.25, 12, 60) * sx, 0.25)
     if class_id == 2:  # thin streak: ~164 x 20
         h = _lognormal(rng, 175, 0.3, 60, REF_H) * sy
         return _band(rng, h, _lognormal(rng, 17, 0.25, 8, 32) * sx, 2.0 * sx, taper=True)
@@ -132,7 +136,7 @@ def _component(rng, class_id: int, sy: float, sx: float, H: int) -> np.ndarray:
         h = H if full else _lognormal(rng, 130, 0.5, 30, REF_H) * sy
         return _band(rng, h, _lognormal(rng, 28, 0.4, 10, 90) * sx, 6.0 * sx, taper=not full)
     # class 4: wide irregular blotch: a core blob and a few lobes overlapping it (fill ~0.6)
-    h, w = _lognormal(rng, 115, 0.45, 36, REF_H) * sy, _lognormal(rng, 200, 0.55, 45, 900) * sx
+    h, w = _lognormal(rng, 130, 0.45, 36, REF_H) * sy, _lognormal(rng, 240, 0.55, 45, 1000) * sx
     hh, ww = max(3, int(round(h))), max(3, int(round(w)))
     out = np.zeros((hh, ww), dtype=bool)
     core = _blob(rng, hh * 0.7, ww * 0.6, 0.45)
@@ -151,11 +155,11 @@ def _component(rng, class_id: int, sy: float, sx: float, H: int) -> np.ndarray:
 
 
 def _n_components(rng, class_id: int) -> int:
-    single = {1: 0.42, 2: 0.8, 3: 0.3, 4: 0.3}[class_id]
+    single = {1: 0.36, 2: 0.8, 3: 0.3, 4: 0.3}[class_id]
     if rng.random() < single:
         return 1
-    median, hi = {1: (6, 14), 2: (2, 3), 3: (3, 9), 4: (2.5, 6)}[class_id]
-    return int(np.clip(round(median * np.exp(0.45 * rng.standard_normal())), 2, hi))
+    median, hi = {1: (4, 14), 2: (2, 3), 3: (3, 9), 4: (2.5, 6)}[class_id]
+    return int(np.clip(round(median * np.exp(0.55 * rng.standard_normal())), 2, hi))
 
 
 # --------------------------------------------------------------------------- images
@@ -221,11 +225,11 @@ def generate(rng: np.random.Generator, height: int = REF_H, width: int = REF_W, 
     for class_id in sorted(classes):
         n = _n_components(rng, class_id)
         # Components of one mask cluster around a centre (tight for pits, loose for others).
-        spread = {1: 0.06, 2: 0.15, 3: 0.25, 4: 0.2}[class_id] * width
+        spread = {1: 0.09, 2: 0.15, 3: 0.25, 4: 0.2}[class_id] * width
         spread *= 4 if rng.random() < 0.3 else 1
         cx = rng.uniform(lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo))
         for _ in range(n):
-            comp = _component(rng, class_id, sy, sx, height)
+            comp = _component(rng, class_id, sy, sx, height, alone=n == 1)
             h, w = min(comp.shape[0], height), min(comp.shape[1], hi - lo)
             comp = comp[:h, :w]
             if class_id == 2 and rng.random() < 0.5:  # streaks often run off the top or bottom

@@ -1,0 +1,83 @@
+"""Shared fixtures: a small synthetic archive and a real S3 endpoint (moto server) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server process on 127.0.0.1, as s3fs's own tests use; yields its endpoint URL.
+
+    Stopped by its pid at the end of the session.
+    """
+    port = _free_port()
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    assert exe, "moto_server not found: install the dev extra (moto[server])"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """Point boto/s3fs at the moto server through the standard environment variables.
+
+    Yields an s3fs filesystem; every bucket is emptied afterwards so tests stay independent.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    yield fs
+    urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"), timeout=5)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory):
+    """A 60-image synthetic archive at 64x400 (session-wide, read-only for tests)."""
+    from cam2seg import synth
+
+    out = tmp_path_factory.mktemp("archive")
+    synth.write_archive(str(out), images=60, height=64, width=400, seed=3, progress=None)
+    return out

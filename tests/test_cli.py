@@ -1,0 +1,76 @@
+"""The console script, run as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cam2seg.config import ConfigError, load_config
+
+CAM2SEG = os.path.join(os.path.dirname(sys.executable), "cam2seg")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([CAM2SEG, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_synth_writes_archive_and_stats(tmp_path):
+    out = tmp_path / "arch"
+    r = run("synth", str(out), "--images", "30", "--height", "64", "--width", "400", "--seed", "2", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 30 images (64x400)" in r.stdout and "images/s" in r.stdout
+    assert "real Severstal" in r.stdout
+    assert (out / "train.csv").exists() and (out / "labels.csv").exists()
+    assert len(os.listdir(out / "train_images")) == 30
+    r = run("stats", str(out), "--limit", "5")
+    assert r.returncode == 0 and "comp_height" in r.stdout
+
+
+def test_config_file_then_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("synth:\n  images: 12\n  height: 32\n  width: 128\n")
+    out = tmp_path / "a"
+    r = run("synth", str(out), "--config", str(cfg), "--images", "5")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 5 images (32x128)" in r.stdout
+
+
+def test_clear_errors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("synth:\n  imagez: 12\n")
+    r = run("synth", str(tmp_path / "a"), "--config", str(cfg))
+    assert r.returncode == 2 and "synth.imagez" in r.stderr and "Traceback" not in r.stderr
+    r = run("synth", str(tmp_path / "a"), "--images", "0")
+    assert r.returncode == 2 and "images" in r.stderr
+    r = run("synth", str(tmp_path / "a"), "--height", "8")
+    assert r.returncode == 2 and "height" in r.stderr
+    r = run("stats", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no train.csv or labels.csv" in r.stderr
+    r = run("synth", str(tmp_path / "a"), "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_load_config_precedence_and_validation(tmp_path):
+    assert load_config().synth.images == 1000
+    p = tmp_path / "c.yaml"
+    p.write_text("synth:\n  seed: 7\n")
+    cfg = load_config(str(p), {"synth": {"seed": None, "images": 3}})
+    assert cfg.synth.seed == 7 and cfg.synth.images == 3
+    p.write_text("unknown_section: {}\n")
+    with pytest.raises(ConfigError, match="unknown_section"):
+        load_config(str(p))
+    p.write_text("synth:\n  images: many\n")
+    with pytest.raises(ConfigError, match="synth.images"):
+        load_config(str(p))
+    p.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(p))
+
+
+def test_demo_makes_archive_and_reuses_it(tmp_path):
+    r = run("demo", "--workdir", str(tmp_path / "w"), "--images", "20", "--height", "32", "--width", "128")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "w" / "archive" / "train.csv").exists()
+    r = run("demo", "--workdir", str(tmp_path / "w"), "--images", "20", "--height", "32", "--width", "128")
+    assert r.returncode == 0 and "reusing" in r.stdout
