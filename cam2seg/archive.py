@@ -187,6 +187,18 @@ def _check_id(source: str, line: int, image_id: str) -> str:
         raise ArchiveError(f"{source} line {line}: bad ImageId: {e}") from None
 
 
+def _data_rows(header, rows, bad: list[str]):
+    """Yield (1-based line number, row) for non-blank rows; rows of the wrong width go to ``bad``."""
+    for i, row in enumerate(rows):
+        line = i + 2  # after the header
+        if not row or all(not x.strip() for x in row):
+            continue
+        if len(row) != len(header):
+            bad.append(f"line {line}: {len(row)} fields, header has {len(header)}")
+            continue
+        yield line, row
+
+
 def _parse_long(source, header, rows, num_classes):
     """train.csv: ImageId,ClassId,EncodedPixels; one row per (image, defect class)."""
     missing = [c for c in ("ImageId", "ClassId", "EncodedPixels") if c not in header]
@@ -199,13 +211,7 @@ def _parse_long(source, header, rows, num_classes):
     seen: dict[tuple[str, int], int] = {}
     bad, dup = [], []
     n_with, n_without = 0, 0
-    for i, row in enumerate(rows):
-        line = i + 2  # 1-based, after the header
-        if not row or all(not x.strip() for x in row):
-            continue
-        if len(row) != len(header):
-            bad.append(f"line {line}: {len(row)} fields, header has {len(header)}")
-            continue
+    for line, row in _data_rows(header, rows, bad):
         image_id = _check_id(source, line, row[ci])
         try:
             class_id = int(row[cc])
@@ -267,13 +273,7 @@ def _parse_wide(source, header, rows, num_classes):
     listed: dict[str, int] = {}
     labels: dict[str, np.ndarray] = {}
     bad, dup = [], []
-    for i, row in enumerate(rows):
-        line = i + 2
-        if not row or all(not x.strip() for x in row):
-            continue
-        if len(row) != len(header):
-            bad.append(f"line {line}: {len(row)} fields, header has {len(header)}")
-            continue
+    for line, row in _data_rows(header, rows, bad):
         image_id = _check_id(source, line, row[ci])
         if image_id in listed:
             dup.append(f"lines {listed[image_id]} and {line}: {image_id}")
