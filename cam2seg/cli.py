@@ -26,10 +26,13 @@ def _synth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same bytes (default 0)")
     p.add_argument("--clean-fraction", type=float, help="share of defect-free images (default 0.45)")
     p.add_argument("--workers", type=int, help="processes generating in parallel (default 1)")
+    p.add_argument("--class-mix", choices=["severstal", "balanced"],
+                   help="Severstal's class combinations (default) or one uniform class per defective image")
 
 
 def _synth_overrides(args) -> dict:
-    return {"synth": {k: getattr(args, k) for k in ("images", "height", "width", "seed", "clean_fraction", "workers")}}
+    keys = ("images", "height", "width", "seed", "clean_fraction", "workers", "class_mix")
+    return {"synth": {k: getattr(args, k) for k in keys}}
 
 
 def _print_stats(url: str, limit: int | None) -> None:
@@ -53,7 +56,8 @@ def cmd_synth(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, _synth_overrides(args)).synth
-    summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction, cfg.workers)
+    summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction,
+                                  cfg.workers, mix=cfg.class_mix)
     print(f"wrote {summary['images']} images ({cfg.height}x{cfg.width}) to {args.out} "
           f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s)")
     per_class = ", ".join(f"class {c}: {n}" for c, n in summary["images_per_class"].items())
@@ -67,6 +71,18 @@ def cmd_synth(args) -> int:
 
 def cmd_stats(args) -> int:
     _print_stats(args.archive, args.limit)
+    return 0
+
+
+def cmd_train_classifiers(args) -> int:
+    from .classifier_job import train_classifiers
+    from .config import load_config
+
+    over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "batch_size", "seed")}
+    cfg = load_config(args.config, {"classifier": over}).classifier
+    card = train_classifiers(args.data, args.out, cfg, force=args.force)
+    print(f"model {args.out}: {card.architecture}, {card.folds} folds, version {card.version}, "
+          f"OOF mean ROC-AUC {card.metrics['oof_auc_mean']:.4f}")
     return 0
 
 
@@ -105,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("train-classifiers", help="stage 1: K fold classifiers on Ray Train, with SWA")
+    p.add_argument("--data", required=True, metavar="ARCHIVE", help="archive folder or CSV (labels are enough)")
+    p.add_argument("--out", required=True, metavar="MODEL", help="artifact folder to write (any fsspec URL)")
+    p.add_argument("--folds", type=int, help="K (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
+    p.add_argument("--size", help="input HEIGHTxWIDTH (default 256x1600)")
+    p.add_argument("--encoder", help="timm model name (default efficientnet_b0)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--seed", type=int, help="fold split and initialisation seed (default 0)")
+    p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this model")
+    _add_config(p)
+    p.set_defaults(func=cmd_train_classifiers)
+
     p = sub.add_parser("demo", help="the pipeline on the embedded default (synthetic archive)")
     p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run)")
     p.add_argument("--images", type=int, default=400, help="synthetic images (default 400)")
@@ -117,13 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .archive import ArchiveError
+    from .artifact import ArtifactError
     from .config import ConfigError
     from .rle import RLEError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ArchiveError, RLEError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (ConfigError, ArchiveError, ArtifactError, RLEError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"cam2seg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,14 +6,14 @@ paper's, sized down only where the section says so). Each stage reads its own se
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import io
 
-__all__ = ["ConfigError", "SynthConfig", "Config", "load_config"]
+__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "Config", "load_config", "parse_size"]
 
 
 class ConfigError(ValueError):
@@ -33,12 +33,58 @@ class SynthConfig(_Section):
     seed: int = 0
     clean_fraction: float = Field(0.45, ge=0.0, lt=1.0)
     workers: int = Field(1, ge=1, description="processes generating images in parallel")
+    class_mix: Literal["severstal", "balanced"] = "severstal"
+
+
+class ClassifierConfig(_Section):
+    """``cam2seg train-classifiers``: stage 1, the paper's recipe by default."""
+
+    encoder: str = Field("efficientnet_b0", description="any timm model name")
+    pretrained: bool | str = Field(False, description="false, true (hub download) or a safetensors URL")
+    folds: int = Field(5, ge=2)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr_encoder: float = Field(1e-4, gt=0)
+    lr_head: float = Field(1e-3, gt=0)
+    plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    size: tuple[int, int] = Field((256, 1600), description="input height, width")
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])
+    swa_epochs: int = Field(3, ge=1, description="average the weights of this many best epochs")
+    swa_update_bn: bool = Field(False, description="recompute BatchNorm statistics for the averaged weights")
+    seed: int = 0
+    workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
+    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPU")
+    max_failures: int = Field(3, ge=0, description="worker failures a fold survives (resuming from its last epoch)")
+    load_threads: int = Field(8, ge=1)
+    keep_checkpoints: bool = Field(False, description="keep the per-epoch Ray Train checkpoints after success")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _parse_size(cls, v):
+        return parse_size(v) if isinstance(v, str) else v
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x1600' -> (256, 1600) (height x width)."""
+    try:
+        h, w = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be HEIGHTxWIDTH like 256x1600, got {text!r}") from None
+    if h < 32 or w < 32:
+        raise ValueError(f"size {h}x{w} is too small (at least 32x32)")
+    return h, w
 
 
 class Config(_Section):
     """The whole tree; later stages add their sections here."""
 
     synth: SynthConfig = SynthConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -69,11 +69,24 @@ class SynthImage:
         return [c + 1 for c in range(self.masks.shape[0]) if self.masks[c].any()]
 
 
-def sample_classes(rng: np.random.Generator, clean_fraction: float = 0.45) -> tuple[int, ...]:
-    """Defect classes (1-based) of one image: () for a clean one."""
+CLASS_MIXES = ("severstal", "balanced")
+
+
+def sample_classes(rng: np.random.Generator, clean_fraction: float = 0.45, mix: str = "severstal") -> tuple[int, ...]:
+    """Defect classes (1-based) of one image: () for a clean one.
+
+    ``mix``: "severstal" draws Severstal's class combinations; "balanced" gives each
+    defective image one class uniformly, and a second one 15% of the time (for small
+    archives where Severstal's rare classes would have a handful of images).
+    """
     if rng.random() < clean_fraction:
         return ()
-    return _COMBOS[rng.choice(len(_COMBOS), p=_COMBO_P)]
+    if mix == "severstal":
+        return _COMBOS[rng.choice(len(_COMBOS), p=_COMBO_P)]
+    if mix == "balanced":
+        k = 2 if rng.random() < 0.15 else 1
+        return tuple(sorted(int(c) + 1 for c in rng.choice(NUM_CLASSES, size=k, replace=False)))
+    raise ValueError(f"unknown class mix {mix!r}; use one of {', '.join(CLASS_MIXES)}")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -212,12 +225,12 @@ def _paint(rng, img: np.ndarray, mask: np.ndarray, class_id: int, y0: int, x0: i
 
 
 def generate(rng: np.random.Generator, height: int = REF_H, width: int = REF_W, classes=None,
-             clean_fraction: float = 0.45) -> SynthImage:
+             clean_fraction: float = 0.45, mix: str = "severstal") -> SynthImage:
     """One synthetic image and its true masks. ``classes``: 1-based ids, or None to sample."""
     if height < 32 or width < 64:
         raise ValueError(f"synthetic images need at least 32x64 pixels, got {height}x{width}")
     if classes is None:
-        classes = sample_classes(rng, clean_fraction)
+        classes = sample_classes(rng, clean_fraction, mix)
     sy, sx = height / REF_H, width / REF_W
     img, (lo, hi) = _background(rng, height, width)
     masks = np.zeros((NUM_CLASSES, height, width), dtype=bool)
@@ -260,22 +273,18 @@ def _encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def _make_one(args) -> tuple[str, bytes, list[str], tuple[int, ...]]:
-    seed, index, height, width, clean_fraction = args
-    s = generate(np.random.default_rng([seed, index]), height, width, clean_fraction=clean_fraction)
-    return _image_id(index), _encode_jpeg(s.image), rle.encode_many(s.masks), tuple(s.class_ids)
-
-
 def _make_chunk(args) -> list:
+    seed, first, stop, height, width, clean_fraction, mix = args
     out = []
-    for index in range(args[1], args[2]):
-        image_id, data, rles, classes = _make_one((args[0], index, args[3], args[4], args[5]))
-        out.append((image_id, data, rles, classes))
+    for index in range(first, stop):
+        s = generate(np.random.default_rng([seed, index]), height, width, clean_fraction=clean_fraction, mix=mix)
+        out.append((_image_id(index), _encode_jpeg(s.image), rle.encode_many(s.masks), tuple(s.class_ids)))
     return out
 
 
 def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int = REF_W, seed: int = 0,
-                  clean_fraction: float = 0.45, workers: int = 1, progress=sys.stderr) -> dict:
+                  clean_fraction: float = 0.45, workers: int = 1, progress=sys.stderr,
+                  mix: str = "severstal") -> dict:
     """Write a synthetic archive in the Severstal layout and return a summary.
 
     ``<out>/train_images/*.jpg``, ``<out>/train.csv`` (masks as Kaggle RLE),
@@ -288,11 +297,12 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
     if not 0 <= clean_fraction < 1:
         raise ValueError(f"clean fraction must be in [0, 1), got {clean_fraction}")
     generate(np.random.default_rng(0), height, width, classes=())  # validates the size early
+    sample_classes(np.random.default_rng(0), 0.0, mix)  # and the class mix
     t0 = time.perf_counter()
     rows: list[tuple[str, int, str]] = []
     labels: list[tuple[str, list[int]]] = []
     chunk = 64
-    tasks = [(seed, i, min(i + chunk, images), height, width, clean_fraction) for i in range(0, images, chunk)]
+    tasks = [(seed, i, min(i + chunk, images), height, width, clean_fraction, mix) for i in range(0, images, chunk)]
     fs, root = io.filesystem(out)
     fs.makedirs(f"{root}/train_images", exist_ok=True)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -328,6 +338,7 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
         "width": width,
         "seed": seed,
         "clean_fraction_requested": clean_fraction,
+        "class_mix": mix,
         "clean_images": int(sum(1 for _, lab in labels if not any(lab))),
         "images_per_class": {str(c + 1): int(n) for c, n in enumerate(counts)},
         "masks": len(rows),

@@ -1,0 +1,124 @@
+"""Model artifacts: a folder with ``model.json`` (the card) and ``fold-<k>.safetensors``.
+
+The card says how to rebuild and feed the model (timm architecture, classes, input size,
+normalisation), how to post-process its output (thresholds), how it was trained and how it
+scored. ``version`` is a content hash of the card and the weight files, so a new model is
+detectable and a tampered or mismatched one is refused when loading. Weights are
+safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from . import __version__, io, state
+
+__all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "CARD_FILE"]
+
+CARD_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A missing, incomplete, tampered or incompatible model artifact."""
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    kind: Literal["classifier", "segmenter"]
+    architecture: str
+    num_classes: int
+    class_ids: list[int]
+    input_size: tuple[int, int]
+    grayscale: bool = True
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    head: dict[str, Any] = {}
+    folds: int
+    fold_files: list[str]
+    files: dict[str, str] = {}  # file name -> sha256 of its bytes
+    postprocess: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    cam2seg_version: str = __version__
+    created: str = ""
+    version: str = ""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _content_version(card: ModelCard) -> str:
+    # The creation time is left out: identical weights and card give the same version.
+    body = card.model_dump(exclude={"version", "created"})
+    return _sha256(json.dumps(body, sort_keys=True, default=str).encode())[:16]
+
+
+def write_artifact(out: str, card: ModelCard, fold_states: list[dict], extra: dict[str, bytes] | None = None) -> ModelCard:
+    """Write weights, extra files and finally the card (so a partial folder has no card)."""
+    if len(fold_states) != card.folds:
+        raise ValueError(f"card says {card.folds} folds, got {len(fold_states)} weight sets")
+    from safetensors.torch import save as st_save
+
+    files = {}
+    names = [f"fold-{k}.safetensors" for k in range(card.folds)]
+    for name, sd in zip(names, fold_states):
+        data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()})
+        io.write_bytes(io.join(out, name), data)
+        files[name] = _sha256(data)
+    for name, data in (extra or {}).items():
+        io.write_bytes(io.join(out, name), data)
+        files[name] = _sha256(data)
+    card = card.model_copy(update={"fold_files": names, "files": files,
+                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    card = card.model_copy(update={"version": _content_version(card)})
+    state.write_json(io.join(out, CARD_FILE), card.model_dump(mode="json"))
+    return card
+
+
+def load_card(url: str) -> ModelCard:
+    """Read and validate ``model.json`` (no weights are read)."""
+    card_url = io.join(url, CARD_FILE)
+    try:
+        raw = json.loads(io.read_bytes(card_url))
+    except FileNotFoundError:
+        raise ArtifactError(f"no model artifact at {url} ({CARD_FILE} missing)") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{card_url} is not valid JSON: {e}") from None
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{card_url} is not a cam2seg model card: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    if card.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"{card_url}: format version {card.format_version}, this cam2seg reads {FORMAT_VERSION}")
+    if card.version != _content_version(card):
+        raise ArtifactError(f"{card_url}: the card was modified after it was written (version hash mismatch)")
+    return card
+
+
+def load_artifact(url: str, kind: str | None = None) -> tuple[ModelCard, list[dict]]:
+    """The card and the fold weights, each file checked against the card's hashes."""
+    from safetensors.torch import load as st_load
+
+    card = load_card(url)
+    if kind is not None and card.kind != kind:
+        raise ArtifactError(f"{url} holds a {card.kind}, expected a {kind}")
+    states = []
+    for name in card.fold_files:
+        try:
+            data = io.read_bytes(io.join(url, name))
+        except FileNotFoundError:
+            raise ArtifactError(f"{url}: {name} is missing") from None
+        if _sha256(data) != card.files.get(name):
+            raise ArtifactError(f"{url}: {name} does not match the card's hash (modified or from another model)")
+        states.append(st_load(data))
+    return card, states

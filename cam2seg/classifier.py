@@ -1,0 +1,104 @@
+"""The paper's multi-label classifier: a timm encoder chosen by name and the paper's head.
+
+Head: Dropout -> Linear -> ELU -> Dropout -> Linear, one logit per class (sigmoid at
+inference). timm's split is kept: ``forward_features`` returns the last activation before
+pooling (for EfficientNet the SiLU after ``conv_head``) and ``forward_head`` maps it to
+logits, so the CAM engine can take gradients through the head alone.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from . import io
+
+__all__ = ["PaperHead", "Classifier", "create_classifier", "load_encoder_weights", "load_fold_models"]
+
+
+class PaperHead(nn.Module):
+    """``float[B, F]`` pooled features -> ``float[B, C]`` logits."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ELU(),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Classifier(nn.Module):
+    """timm encoder + :class:`PaperHead`. Input ``float[B, 3, H, W]`` normalised; output logits."""
+
+    def __init__(self, encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
+                 dropout: float = 0.3, pretrained: bool = False):
+        super().__init__()
+        # num_classes=0: timm keeps its global pooling and drops its own classifier.
+        self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0)
+        # Some encoders (MobileNetV3) add a conv after pooling: the head sees head_hidden_size.
+        pooled = getattr(self.encoder, "head_hidden_size", None) or self.encoder.num_features
+        self.head = PaperHead(pooled, hidden, num_classes, dropout)
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``float[B, 3, H, W]`` -> ``float[B, F, h, w]`` (the last activation before pooling)."""
+        return self.encoder.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``float[B, F, h, w]`` -> ``float[B, C]`` logits (or pooled ``float[B, F]``)."""
+        pooled = self.encoder.forward_head(features, pre_logits=True)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def load_encoder_weights(encoder: nn.Module, url: str) -> int:
+    """Load a safetensors file (local or s3) into a timm encoder; returns tensors loaded.
+
+    Keys the encoder lacks (a classifier, say) are ignored; a file that fits less than half
+    of the encoder is refused, since it is almost certainly another architecture.
+    """
+    from safetensors.torch import load as st_load
+
+    state = st_load(io.read_bytes(url))
+    own = encoder.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(fitting) < len(own) / 2:
+        raise ValueError(
+            f"pretrained weights {url} fit {len(fitting)} of the encoder's {len(own)} tensors: "
+            "wrong architecture?"
+        )
+    encoder.load_state_dict(fitting, strict=False)
+    return len(fitting)
+
+
+def create_classifier(encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
+                      dropout: float = 0.3, pretrained: bool | str = False) -> Classifier:
+    """Build a classifier; ``pretrained``: False, True (timm hub download) or a safetensors URL."""
+    if encoder not in timm.list_models() and not timm.is_model(encoder):
+        raise ValueError(f"unknown timm model {encoder!r}")
+    model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True)
+    if isinstance(pretrained, str):
+        load_encoder_weights(model.encoder, pretrained)
+    return model
+
+
+def load_fold_models(url: str, device="cpu") -> tuple["ModelCard", list[Classifier]]:
+    """The card and the K fold classifiers of an artifact, in eval mode on ``device``."""
+    from .artifact import ArtifactError, load_artifact
+
+    card, states = load_artifact(url, kind="classifier")
+    models = []
+    for k, sd in enumerate(states):
+        model = Classifier(card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"])
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ArtifactError(f"{url}: fold {k} weights do not fit {card.architecture}: {str(e)[:300]}") from None
+        models.append(model.to(device).eval())
+    return card, models

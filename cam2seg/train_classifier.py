@@ -1,0 +1,238 @@
+"""Stage 1 on one fold: Ray Train's ``train_loop_per_worker`` for the paper's classifier.
+
+Per epoch: BCE over images x classes, Adam (encoder and head learning rates), validation
+loss and per-class ROC-AUC, the learning rate halved after ``plateau_epochs`` without
+improvement, the weights offered to the top-k keeper, a checkpoint (safetensors + JSON) and
+a log line. After the last epoch the k best epochs are averaged (SWA), the averaged model
+predicts the fold's held-out images (its out-of-fold probabilities) and a final checkpoint
+carries both. A worker restarted from a checkpoint continues at the next epoch; one
+restarted from the final checkpoint has nothing left to do.
+
+With ``ScalingConfig(num_workers=0)`` Ray Train runs this same function in the calling
+process, which is how it runs without a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data, metrics, state, swa
+from .classifier import create_classifier
+from .config import ClassifierConfig
+
+__all__ = ["train_fold_loop", "make_optimizer", "make_scheduler", "predict", "FINAL_FILE", "SWA_FILE", "OOF_FILE"]
+
+FINAL_FILE = "final.json"
+SWA_FILE = "swa.safetensors"
+OOF_FILE = "oof.json"
+_STATE_FILE = "state.json"
+
+
+def make_optimizer(core, cfg: ClassifierConfig) -> torch.optim.Optimizer:
+    """Adam with the paper's two learning rates: encoder and head."""
+    return torch.optim.Adam([
+        {"params": core.encoder.parameters(), "lr": cfg.lr_encoder},
+        {"params": core.head.parameters(), "lr": cfg.lr_head},
+    ])
+
+
+def make_scheduler(opt, cfg: ClassifierConfig):
+    """Multiply every learning rate by ``lr_factor`` once validation loss has not improved for
+    ``plateau_epochs`` epochs. torch counts patience after the first bad epoch, hence the -1."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.lr_factor, patience=cfg.plateau_epochs - 1
+    )
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``float32[N, C]`` of an eval-mode model over ``uint8[N, H, W]`` images."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with _autocast(device, amp):
+            out.append(model(data.to_input(images[i : i + batch_size], device=device)).float().cpu())
+    logits = torch.cat(out) if out else torch.zeros(0)
+    return logits.numpy(), torch.sigmoid(logits).numpy()
+
+
+def _val_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32)))
+    return float(loss), metrics.roc_auc(labels, 1 / (1 + np.exp(-logits)))
+
+
+def _save_checkpoint(d: str, core, opt, sched, keeper: swa.TopK, history: list, epoch: int, final=None) -> None:
+    state.save_tensors(os.path.join(d, "model.safetensors"), core.state_dict())
+    opt_tensors, opt_meta = state.optimizer_to_flat(opt)
+    state.save_tensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
+    for i, (_, _, snap) in enumerate(keeper.entries):
+        state.save_tensors(os.path.join(d, f"top-{i}.safetensors"), snap)
+    meta = {
+        "epoch": epoch,
+        "pid": os.getpid(),  # which worker process wrote it (operators and fault tests use it)
+        "history": history,
+        "optimizer": opt_meta,
+        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "_last_lr"},
+        "top": [(loss, ep) for loss, ep, _ in keeper.entries],
+    }
+    with open(os.path.join(d, _STATE_FILE), "w") as f:
+        json.dump(meta, f)
+    if final is not None:
+        with open(os.path.join(d, FINAL_FILE), "w") as f:
+            json.dump(final, f)
+
+
+def _restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
+    with open(os.path.join(d, _STATE_FILE)) as f:
+        meta = json.load(f)
+    core.load_state_dict(state.load_tensors(os.path.join(d, "model.safetensors")))
+    state.optimizer_from_flat(opt, state.load_tensors(os.path.join(d, "optimizer.safetensors")), meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    keeper.entries = [
+        (loss, ep, state.load_tensors(os.path.join(d, f"top-{i}.safetensors"))) for i, (loss, ep) in enumerate(meta["top"])
+    ]
+    return meta["epoch"] + 1, meta["history"]
+
+
+def train_fold_loop(config: dict) -> None:
+    """Ray Train worker function. ``config``: ``classifier`` (ClassifierConfig as a dict),
+    ``fold``, ``train_urls``/``val_urls`` (image URLs), ``train_labels``/``val_labels``
+    (0/1 lists ``[N, C]``), ``val_ids``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ClassifierConfig(**config["classifier"])
+    fold = int(config["fold"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    amp = cfg.mixed_precision and device.type == "cuda"
+    say = (lambda msg: print(f"[fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+
+    model = create_classifier(cfg.encoder, len(config["train_labels"][0]), cfg.hidden, cfg.dropout, cfg.pretrained)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    opt = make_optimizer(core, cfg)
+    sched = make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
+    keeper = swa.TopK(cfg.swa_epochs)
+    start, history = 0, []
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, FINAL_FILE)):
+                say("already finished (final checkpoint found)")
+                return
+            start, history = _restore(d, core, opt, sched, keeper)
+        say(f"resuming at epoch {start + 1}/{cfg.epochs} from a checkpoint")
+        history.append({"event": "resumed", "epoch": start})
+
+    t_load = time.perf_counter()
+    x_train = data.load_images(config["train_urls"], cfg.size, cfg.load_threads)
+    x_val = data.load_images(config["val_urls"], cfg.size, cfg.load_threads)
+    y_train = np.asarray(config["train_labels"], dtype=np.float32)
+    y_val = np.asarray(config["val_labels"], dtype=np.uint8)
+    say(f"loaded {len(x_train)} training and {len(x_val)} validation images at {cfg.size[0]}x{cfg.size[1]} "
+        f"in {time.perf_counter() - t_load:.1f}s; device {device}, {world} worker(s)")
+    augment = data.build_augment(cfg.augment)
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total, seen = 0.0, 0
+        for idx in data.epoch_batches(len(x_train), cfg.batch_size, epoch, cfg.seed * 1000 + fold, rank, world):
+            imgs = x_train[idx]
+            if augment is not None:
+                imgs = np.stack([augment(image=im)["image"] for im in imgs])
+            x = data.to_input(imgs, device=device)
+            y = torch.from_numpy(y_train[idx]).to(device)
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, amp):
+                loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        train_loss = total / max(seen, 1)
+        logits, _ = predict(core, x_val, cfg.batch_size, device, amp)
+        val_loss, auc = _val_stats(logits, y_val)
+        lrs = [g["lr"] for g in opt.param_groups]
+        sched.step(val_loss)
+        kept = keeper.offer(val_loss, epoch, core.state_dict())
+        secs = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "auc": [float(a) for a in auc],
+               "lr_encoder": lrs[0], "lr_head": lrs[1], "seconds": secs, "kept": kept}
+        history.append(row)
+        auc_text = "/".join("  nan" if np.isnan(a) else f"{a:.3f}" for a in auc)
+        say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+            f"auc {auc_text} (mean {np.nanmean(auc) if np.isfinite(auc).any() else float('nan'):.3f}) "
+            f"lr {lrs[0]:.1e}/{lrs[1]:.1e} {secs:.1f}s {seen * world / secs:.1f} img/s")
+        metrics_out = {"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(d, core, opt, sched, keeper, history, epoch)
+                ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics_out)
+
+    # SWA: the average of the best epochs by validation loss.
+    core.load_state_dict(keeper.average())
+    if cfg.swa_update_bn:
+        _update_bn(core, x_train, cfg.batch_size, device)
+    logits, probs = predict(core, x_val, cfg.batch_size, device, amp)
+    val_loss, auc = _val_stats(logits, y_val)
+    say(f"SWA over epochs {[e + 1 for e in keeper.epochs]}: val_loss {val_loss:.4f} "
+        f"auc {'/'.join(f'{a:.3f}' for a in auc)}")
+    final = {"fold": fold, "swa_epochs": keeper.epochs, "val_loss": val_loss, "auc": [float(a) for a in auc],
+             "history": history}
+    metrics_out = {"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            state.save_tensors(os.path.join(d, SWA_FILE), core.state_dict())
+            with open(os.path.join(d, OOF_FILE), "w") as f:
+                json.dump({"image_ids": config["val_ids"], "probs": probs.tolist()}, f)
+            _save_checkpoint(d, core, opt, sched, keeper, history, cfg.epochs - 1, final=final)
+            ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics_out)
+
+
+@torch.no_grad()
+def _update_bn(model, images: np.ndarray, batch_size: int, device) -> None:
+    """Recompute BatchNorm running statistics of averaged weights over the training images."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {}
+    for bn in bns:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None  # cumulative average over all batches
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(data.to_input(images[i : i + batch_size], device=device))
+    for bn in bns:
+        bn.momentum = momenta[bn]
