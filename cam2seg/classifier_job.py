@@ -47,6 +47,8 @@ def ensure_ray() -> None:
         # Train V2 re-routes worker print() through its logger as well as stdout, which shows
         # every line twice on the driver; its per-checkpoint INFO lines drown the epoch lines.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        # Ray merges "similar" lines across workers: fold 0's epoch line would vanish into fold 1's.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=True,
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -202,7 +204,8 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         probs[idx] = np.asarray(oof["probs"], dtype=np.float32)
         final = state.read_json(io.join(done, FINAL_FILE))
         fold_info.append({"fold": k, "swa_epochs": final["swa_epochs"], "val_loss": final["val_loss"],
-                          "auc": final["auc"], "history": final["history"]})
+                          "auc": final["auc"], "swa_bn_variants": final["swa_bn_variants"],
+                          "history": final["history"]})
     if np.isnan(probs).any():
         raise RuntimeError(f"{int(np.isnan(probs).any(axis=1).sum())} images got no out-of-fold prediction")
     auc = metrics.roc_auc(archive.labels, probs)

@@ -53,7 +53,8 @@ class ClassifierConfig(_Section):
     dropout: float = Field(0.3, ge=0, lt=1)
     augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])
     swa_epochs: int = Field(3, ge=1, description="average the weights of this many best epochs")
-    swa_update_bn: bool = Field(False, description="recompute BatchNorm statistics for the averaged weights")
+    swa_update_bn: bool = Field(True, description="recompute BatchNorm statistics for the averaged weights "
+                                "(lowered validation loss by 0.055-0.07 in a measured run; see README)")
     seed: int = 0
     workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -52,8 +52,9 @@ def load_images(urls: list[str], size: tuple[int, int], threads: int = 8) -> np.
 _AUG_NAMES = {"hflip": "HorizontalFlip", "vflip": "VerticalFlip"}
 
 
-def build_augment(specs: list) -> object | None:
-    """An albumentations pipeline from names ('hflip', 'vflip') or {'name': Transform, **params}."""
+def build_augment(specs: list, seed: int | None = None) -> object | None:
+    """An albumentations pipeline from names ('hflip', 'vflip') or {'name': Transform, **params};
+    ``seed`` makes its random choices reproducible."""
     import albumentations as A
 
     transforms = []
@@ -68,7 +69,7 @@ def build_augment(specs: list) -> object | None:
         if cls is None:
             raise ValueError(f"unknown augmentation {spec!r} (use hflip, vflip or an albumentations class name)")
         transforms.append(cls(**params))
-    return A.Compose(transforms) if transforms else None
+    return A.Compose(transforms, seed=seed) if transforms else None
 
 
 def to_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu") -> torch.Tensor:

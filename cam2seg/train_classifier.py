@@ -152,7 +152,7 @@ def train_fold_loop(config: dict) -> None:
     y_val = np.asarray(config["val_labels"], dtype=np.uint8)
     say(f"loaded {len(x_train)} training and {len(x_val)} validation images at {cfg.size[0]}x{cfg.size[1]} "
         f"in {time.perf_counter() - t_load:.1f}s; device {device}, {world} worker(s)")
-    augment = data.build_augment(cfg.augment)
+    augment = data.build_augment(cfg.augment, seed=cfg.seed * 1000 + fold + 7919 * start)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -198,16 +198,26 @@ def train_fold_loop(config: dict) -> None:
         else:
             ray.train.report(metrics_out)
 
-    # SWA: the average of the best epochs by validation loss.
+    # SWA: the average of the best epochs by validation loss. Both BatchNorm variants are
+    # scored on the held-out fold, so the choice of swa_update_bn rests on numbers.
     core.load_state_dict(keeper.average())
-    if cfg.swa_update_bn:
-        _update_bn(core, x_train, cfg.batch_size, device)
     logits, probs = predict(core, x_val, cfg.batch_size, device, amp)
-    val_loss, auc = _val_stats(logits, y_val)
-    say(f"SWA over epochs {[e + 1 for e in keeper.epochs]}: val_loss {val_loss:.4f} "
-        f"auc {'/'.join(f'{a:.3f}' for a in auc)}")
+    variants = {"averaged_bn": _val_stats(logits, y_val)}
+    averaged = {k: v.clone() for k, v in core.state_dict().items()}
+    _update_bn(core, x_train, cfg.batch_size, device)
+    logits_bn, probs_bn = predict(core, x_val, cfg.batch_size, device, amp)
+    variants["recomputed_bn"] = _val_stats(logits_bn, y_val)
+    if cfg.swa_update_bn:
+        probs = probs_bn
+    else:
+        core.load_state_dict(averaged)
+    val_loss, auc = variants["recomputed_bn" if cfg.swa_update_bn else "averaged_bn"]
+    for name, (loss_v, auc_v) in variants.items():
+        say(f"SWA over epochs {[e + 1 for e in keeper.epochs]}, {name}: val_loss {loss_v:.4f} "
+            f"auc {'/'.join(f'{a:.3f}' for a in auc_v)} (mean {np.nanmean(auc_v):.3f})")
     final = {"fold": fold, "swa_epochs": keeper.epochs, "val_loss": val_loss, "auc": [float(a) for a in auc],
-             "history": history}
+             "history": history, "swa_bn_variants": {k: {"val_loss": lv, "auc": [float(a) for a in av]}
+                                                     for k, (lv, av) in variants.items()}}
     metrics_out = {"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
