@@ -203,7 +203,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
             raise RuntimeError(f"fold {k}: staged predictions belong to another split")
         probs[idx] = np.asarray(oof["probs"], dtype=np.float32)
         final = state.read_json(io.join(done, FINAL_FILE))
-        fold_info.append({"fold": k, "swa_epochs": final["swa_epochs"], "val_loss": final["val_loss"],
+        fold_info.append({"fold": k, "workers": final["workers"], "swa_epochs": final["swa_epochs"], "val_loss": final["val_loss"],
                           "auc": final["auc"], "swa_bn_variants": final["swa_bn_variants"],
                           "history": final["history"]})
     if np.isnan(probs).any():

@@ -215,7 +215,7 @@ def train_fold_loop(config: dict) -> None:
     for name, (loss_v, auc_v) in variants.items():
         say(f"SWA over epochs {[e + 1 for e in keeper.epochs]}, {name}: val_loss {loss_v:.4f} "
             f"auc {'/'.join(f'{a:.3f}' for a in auc_v)} (mean {np.nanmean(auc_v):.3f})")
-    final = {"fold": fold, "swa_epochs": keeper.epochs, "val_loss": val_loss, "auc": [float(a) for a in auc],
+    final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": val_loss, "auc": [float(a) for a in auc],
              "history": history, "swa_bn_variants": {k: {"val_loss": lv, "auc": [float(a) for a in av]}
                                                      for k, (lv, av) in variants.items()}}
     metrics_out = {"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}
