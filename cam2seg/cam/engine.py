@@ -1,0 +1,105 @@
+"""The fast CAM engine: all classes, all augmentations, one forward pass, head-only gradients.
+
+For a timm classifier ``A = model.forward_features(x)`` is the last activation before pooling
+and ``logits = model.forward_head(A)``. GradCAM and GradCAM++ need only d logit_c / dA, which
+flows through the head alone, so the encoder runs once without autograd and the gradients of
+every class come from one batched backward through the head (``is_grads_batched``). The
+maps then follow pytorch-grad-cam step by step, so the two agree numerically:
+
+1. weights from (A, dA) per method; cam = ReLU(sum_F weights * A)  (feature resolution)
+2. per-map min-max scaling (x - min) / (1e-7 + max), bilinear resize to the input size
+3. ReLU and min-max again (the library's aggregation over target layers, here one layer)
+4. aug smoothing: the mean over {identity, horizontal flip} x {x0.9, x1.0, x1.1} of the
+   de-augmented maps (the factors multiply the normalised input, as ttach does)
+
+Finally the maps are resized to ``out_size`` (the original image's size) for the masks.
+Shapes: images ``float32[B, 3, h, w]`` normalised; cams ``float32[B, C, H, W]`` in [0, 1];
+probs ``float32[B, C]`` (sigmoid of the un-augmented logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .gradcam import gradcam_weights
+from .gradcam_plusplus import gradcam_plusplus_weights
+
+__all__ = ["METHODS", "AUG_VARIANTS", "compute_cams", "feature_maps_to_cams", "head_gradients"]
+
+METHODS = {"gradcam": gradcam_weights, "gradcam++": gradcam_plusplus_weights}
+# (horizontal flip, intensity factor): pytorch-grad-cam's default aug smoothing.
+AUG_VARIANTS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+_SCALE_EPS = 1e-7
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.amin(dim=(-2, -1), keepdim=True)
+    return x / (_SCALE_EPS + x.amax(dim=(-2, -1), keepdim=True))
+
+
+def head_gradients(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits ``[N, C]``, d logit_c / d features ``[C, N, F, h, w]``) through the head only."""
+    features = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.forward_head(features)
+        n, c = logits.shape
+        # One backward per class, vectorised: grad_outputs[k] selects logit k of every image.
+        eye = torch.eye(c, device=logits.device, dtype=logits.dtype).unsqueeze(1).expand(c, n, c)
+        (grads,) = torch.autograd.grad(logits, features, grad_outputs=eye, is_grads_batched=True)
+    return logits.detach(), grads
+
+
+def feature_maps_to_cams(features: torch.Tensor, grads: torch.Tensor, method: str,
+                         size: tuple[int, int]) -> torch.Tensor:
+    """Steps 1-3: ``features [N, F, h, w]``, ``grads [C, N, F, h, w]`` -> ``[C, N, H, W]``."""
+    try:
+        weigh = METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join(METHODS)}") from None
+    acts = features.detach().unsqueeze(0)
+    weights = weigh(acts, grads)
+    cam = torch.relu((weights[..., None, None] * acts).sum(dim=2))
+    c, n, h, w = cam.shape
+    cam = F.interpolate(_minmax(cam).reshape(c * n, 1, h, w), size=size, mode="bilinear", align_corners=False)
+    return _minmax(torch.relu(cam)).reshape(c, n, *size)
+
+
+@torch.no_grad()
+def _one_model(model, x: torch.Tensor, method: str, variants: Sequence[tuple[bool, float]]):
+    b = x.shape[0]
+    batch = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in variants])
+    features = model.forward_features(batch)
+    logits, grads = head_gradients(model, features)
+    cams = feature_maps_to_cams(features, grads, method, tuple(x.shape[-2:]))  # [C, V*B, H, W]
+    cams = cams.reshape(cams.shape[0], len(variants), b, *cams.shape[-2:])
+    cams = torch.stack([m.flip(-1) if flip else m for m, (flip, _) in zip(cams.unbind(1), variants)], dim=1)
+    identity = variants.index((False, 1.0))
+    probs = torch.sigmoid(logits.reshape(len(variants), b, -1)[identity].float())
+    return cams.mean(dim=1).transpose(0, 1), probs
+
+
+def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = True,
+                 out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs of every class for a batch, on the model's device.
+
+    ``model``: a classifier with ``forward_features``/``forward_head`` (any timm model or
+    :class:`cam2seg.classifier.Classifier`), or a list of them (fold ensemble: maps and
+    probabilities averaged). Models must be in eval mode. Returns (cams ``float32[B, C, H, W]``
+    in [0, 1] at ``out_size`` or the input size, probs ``float32[B, C]``).
+    """
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, 3, h, w], got {tuple(images.shape)}")
+    variants = AUG_VARIANTS if aug_smooth else ((False, 1.0),)
+    cams, probs = None, None
+    for m in models:
+        c, p = _one_model(m, images, method, variants)
+        cams = c if cams is None else cams + c
+        probs = p if probs is None else probs + p
+    cams, probs = cams / len(models), probs / len(models)
+    if out_size is not None and tuple(out_size) != tuple(cams.shape[-2:]):
+        cams = F.interpolate(cams, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return cams.clamp_(0, 1), probs

@@ -1,0 +1,58 @@
+"""The fast CAM engine equals pytorch-grad-cam (the reference) on random-init timm models."""
+
+import pytest
+import torch
+
+from cam2seg.cam import LIBRARY_METHODS, compute_cams, find_feature_layer, library_cams
+from cam2seg.classifier import Classifier
+
+
+@pytest.fixture(scope="module", params=["efficientnet_b0", "resnet10t"])
+def model(request):
+    torch.manual_seed(0)
+    return Classifier(request.param).eval()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("aug_smooth", [False, True])
+def test_fast_engine_equals_library(model, method, aug_smooth):
+    x = torch.randn(3, 3, 64, 256, generator=torch.Generator().manual_seed(1))
+    fast, p_fast = compute_cams(model, x, method, aug_smooth)
+    ref, p_ref = library_cams(model, x, method, aug_smooth)
+    assert fast.shape == ref.shape == (3, 4, 64, 256)
+    assert (fast - ref).abs().max().item() < 1e-4
+    assert torch.allclose(p_fast, p_ref, atol=1e-6)
+    # not a vacuous comparison: a good share of the maps are non-zero (random-init models give
+    # some all-zero maps, where every weighted activation is negative before the ReLU)
+    assert (fast.amax(dim=(-2, -1)) > 0.5).float().mean() >= 0.25
+
+
+def test_target_layer_is_the_forward_features_output():
+    m = Classifier("efficientnet_b0").eval()
+    assert find_feature_layer(m, torch.randn(1, 3, 64, 128)) is m.encoder.bn2
+
+
+def test_out_size_ensemble_and_errors():
+    torch.manual_seed(0)
+    a, b = Classifier("resnet10t").eval(), Classifier("resnet10t").eval()
+    x = torch.randn(2, 3, 32, 128)
+    cams, probs = compute_cams([a, b], x, out_size=(64, 400))
+    assert cams.shape == (2, 4, 64, 400) and probs.shape == (2, 4)
+    assert cams.min() >= 0 and cams.max() <= 1
+    ca, pa = compute_cams(a, x, out_size=(64, 400))
+    cb, pb = compute_cams(b, x, out_size=(64, 400))
+    assert torch.allclose(cams, (ca + cb) / 2, atol=1e-6) and torch.allclose(probs, (pa + pb) / 2)
+    with pytest.raises(ValueError, match="unknown fast CAM method"):
+        compute_cams(a, x, method="scorecam")
+    with pytest.raises(ValueError, match=r"\[B, 3, h, w\]"):
+        compute_cams(a, x[0])
+    with pytest.raises(ValueError, match="unknown library CAM method"):
+        library_cams(a, x, method="nope")
+
+
+@pytest.mark.parametrize("method", ["xgradcam", "eigencam", "layercam"])
+def test_library_engine_offers_other_methods(method):
+    assert method in LIBRARY_METHODS
+    m = Classifier("resnet10t").eval()
+    cams, probs = library_cams(m, torch.randn(2, 3, 32, 128), method, aug_smooth=False, out_size=(40, 160))
+    assert cams.shape == (2, 4, 40, 160) and torch.isfinite(cams).all()
