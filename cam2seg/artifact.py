@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import __version__, io, state
 
-__all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "CARD_FILE"]
+__all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "load_extra_states",
+           "update_card", "CARD_FILE"]
 
 CARD_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -105,6 +106,33 @@ def load_card(url: str) -> ModelCard:
     return card
 
 
+def _checked_bytes(url: str, card: ModelCard, name: str) -> bytes:
+    try:
+        data = io.read_bytes(io.join(url, name))
+    except FileNotFoundError:
+        raise ArtifactError(f"{url}: {name} is missing") from None
+    if name not in card.files:
+        raise ArtifactError(f"{url}: {name} is not part of this model (not in its card)")
+    if _sha256(data) != card.files[name]:
+        raise ArtifactError(f"{url}: {name} does not match the card's hash (modified or from another model)")
+    return data
+
+
+def load_extra_states(url: str, card: ModelCard, names: list[str]) -> list[dict]:
+    """Other weight files of the artifact (e.g. best-epoch weights), hash-checked."""
+    from safetensors.torch import load as st_load
+
+    return [st_load(_checked_bytes(url, card, n)) for n in names]
+
+
+def update_card(url: str, card: ModelCard, **fields) -> ModelCard:
+    """Rewrite the card with new fields (e.g. tuned thresholds); the version changes with it."""
+    card = card.model_copy(update=fields)
+    card = card.model_copy(update={"version": _content_version(card)})
+    state.write_json(io.join(url, CARD_FILE), card.model_dump(mode="json"))
+    return card
+
+
 def load_artifact(url: str, kind: str | None = None) -> tuple[ModelCard, list[dict]]:
     """The card and the fold weights, each file checked against the card's hashes."""
     from safetensors.torch import load as st_load
@@ -112,13 +140,4 @@ def load_artifact(url: str, kind: str | None = None) -> tuple[ModelCard, list[di
     card = load_card(url)
     if kind is not None and card.kind != kind:
         raise ArtifactError(f"{url} holds a {card.kind}, expected a {kind}")
-    states = []
-    for name in card.fold_files:
-        try:
-            data = io.read_bytes(io.join(url, name))
-        except FileNotFoundError:
-            raise ArtifactError(f"{url}: {name} is missing") from None
-        if _sha256(data) != card.files.get(name):
-            raise ArtifactError(f"{url}: {name} does not match the card's hash (modified or from another model)")
-        states.append(st_load(data))
-    return card, states
+    return card, [st_load(_checked_bytes(url, card, name)) for name in card.fold_files]

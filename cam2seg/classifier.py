@@ -88,11 +88,19 @@ def create_classifier(encoder: str = "efficientnet_b0", num_classes: int = 4, hi
     return model
 
 
-def load_fold_models(url: str, device="cpu") -> tuple["ModelCard", list[Classifier]]:
-    """The card and the K fold classifiers of an artifact, in eval mode on ``device``."""
-    from .artifact import ArtifactError, load_artifact
+def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["ModelCard", list[Classifier]]:
+    """The card and the K fold classifiers of an artifact, in eval mode on ``device``.
+
+    ``weights``: "swa" (the fold weights) or "best-epoch" (each fold's single best epoch,
+    kept for ablations).
+    """
+    from .artifact import ArtifactError, load_artifact, load_extra_states
 
     card, states = load_artifact(url, kind="classifier")
+    if weights == "best-epoch":
+        states = load_extra_states(url, card, [f"fold-{k}.best-epoch.safetensors" for k in range(card.folds)])
+    elif weights != "swa":
+        raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
     models = []
     for k, sd in enumerate(states):
         model = Classifier(card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"])

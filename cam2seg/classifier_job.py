@@ -193,10 +193,12 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
 
     n, c = archive.labels.shape
     probs = np.full((n, c), np.nan, dtype=np.float32)
-    states, fold_info = [], []
+    states, fold_info, best_epoch = [], [], {}
     for k in range(cfg.folds):
         done = io.join(work, "done", f"fold-{k}")
         states.append(state.load_tensors(io.join(done, SWA_FILE)))
+        # The single best epoch, kept for the "without SWA" rows of the CAM ablation.
+        best_epoch[f"fold-{k}.best-epoch.safetensors"] = io.read_bytes(io.join(done, "top-0.safetensors"))
         oof = state.read_json(io.join(done, OOF_FILE))
         idx = [archive.index(i) for i in oof["image_ids"]]
         if (folds[idx] != k).any():
@@ -243,4 +245,4 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
               "images_per_class": {str(cid): int(s) for cid, s in zip(archive.class_ids, archive.labels.sum(0))}},
     )
     return write_artifact(out, card, states, extra={"oof.parquet": buf.getvalue(),
-                                                    "folds.csv": io.read_bytes(folds_url)})
+                                                    "folds.csv": io.read_bytes(folds_url), **best_epoch})

@@ -86,6 +86,17 @@ def cmd_train_classifiers(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .cam_eval import evaluate_cams
+
+    if args.store or args.segmenter:
+        raise ValueError("--store and --segmenter are not implemented yet: evaluate scores the model's CAM masks")
+    _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=args.objective,
+                             batch_size=args.batch_size)
+    print(table)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import io, synth
 
@@ -133,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this model")
     _add_config(p)
     p.set_defaults(func=cmd_train_classifiers)
+
+    p = sub.add_parser("evaluate", help="score CAM pseudo-masks out of fold (paper's Table 2), tune thresholds")
+    p.add_argument("--model", required=True, metavar="MODEL", help="classifier artifact")
+    p.add_argument("--truth", required=True, metavar="ARCHIVE", help="the archive it was trained on, with masks")
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--segmenter", help=argparse.SUPPRESS)
+    p.add_argument("--objective", choices=["kaggle", "positive"], default="kaggle",
+                   help="what tuning maximises: Kaggle mean Dice (default) or positive-pair Dice")
+    p.add_argument("--no-write", action="store_true", help="print only; leave the model card as it is")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_config(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the pipeline on the embedded default (synthetic archive)")
     p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run)")

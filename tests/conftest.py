@@ -81,3 +81,36 @@ def small_archive(tmp_path_factory):
     out = tmp_path_factory.mktemp("archive")
     synth.write_archive(str(out), images=60, height=64, width=400, seed=3, progress=None)
     return out
+
+
+# A stage-1 model trained once per session and shared (read-only) by the tests that need one.
+# Small enough for 2 CPU cores, big enough to learn: 480 images at 64x400, balanced classes, a
+# CPU-friendly encoder and a higher encoder learning rate than the paper's (which assumes
+# ImageNet weights; these models start from random init).
+LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=14, size=(64, 400), batch_size=16,
+                 lr_encoder=3e-3, keep_checkpoints=True, load_threads=2)
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory):
+    import ray
+
+    from cam2seg import synth
+    from cam2seg.classifier_job import train_classifiers
+    from cam2seg.config import ClassifierConfig
+
+    root = tmp_path_factory.mktemp("stage1")
+    data = str(root / "archive")
+    synth.write_archive(data, images=480, height=64, width=400, seed=3, mix="balanced", progress=None)
+    cfg = ClassifierConfig(**LEARN_CFG)
+    out = str(root / "model")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        t0 = time.perf_counter()
+        card = train_classifiers(data, out, cfg, log=lambda m: print(m, flush=True))
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"data": data, "out": out, "card": card, "cfg": cfg, "seconds": seconds}

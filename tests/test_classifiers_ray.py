@@ -17,36 +17,13 @@ from cam2seg import state, synth
 from cam2seg.archive import Archive
 from cam2seg.classifier import load_fold_models
 from cam2seg.classifier_job import run_key, train_classifiers
-from cam2seg.config import ClassifierConfig
 
 pytestmark = pytest.mark.slow
 
-# Small enough for 2 CPU cores, big enough to learn: 480 images at 64x400, balanced classes,
-# a CPU-friendly encoder, and a higher encoder learning rate than the paper's (which assumes
-# ImageNet weights; these models start from random init).
-LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=14, size=(64, 400), batch_size=16,
-                 lr_encoder=3e-3, keep_checkpoints=True, load_threads=2)
-
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage1")
-    data = str(root / "archive")
-    synth.write_archive(data, images=480, height=64, width=400, seed=3, mix="balanced", progress=None)
-    cfg = ClassifierConfig(**LEARN_CFG)
-    out = str(root / "model")
-    t0 = time.perf_counter()
-    card = train_classifiers(data, out, cfg, log=lambda m: print(m, flush=True))
-    return {"data": data, "out": out, "card": card, "cfg": cfg, "seconds": time.perf_counter() - t0}
+def trained(trained_classifier):
+    return trained_classifier
 
 
 def test_artifact_complete_and_loadable(trained):
