@@ -2,6 +2,7 @@
 server) and DDP: two Ray Train workers per fold."""
 
 import os
+import urllib.request
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,7 @@ def s3_ray(s3_server):
         yield s3fs.S3FileSystem()
     finally:
         ray.shutdown()
+        urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"), timeout=5)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
