@@ -29,6 +29,7 @@ __all__ = [
     "write_bytes",
     "exists",
     "decode_image",
+    "image_size",
     "encode_png",
     "to_rgb",
 ]

@@ -3,8 +3,6 @@ pixel ``threshold`` on the map, ``min_seg_len`` minimum mask area; each global o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -60,7 +58,3 @@ def apply(cams: np.ndarray, probs: np.ndarray, pp: PostProcess) -> np.ndarray:
     area = masks.sum(axis=(-2, -1))
     masks &= (area >= min_len[None, :])[:, :, None, None]
     return masks
-
-
-def as_list(values: Sequence[float]) -> list[float]:
-    return [float(v) for v in values]
