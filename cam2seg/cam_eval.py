@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import data, metrics, tuning
+from . import data, io, metrics, tuning
 from .archive import Archive, ArchiveError
 from .artifact import load_card, update_card
 from .cam import compute_cams
 from .classifier import load_fold_models
-from .folds import load_folds
+from .folds import FOLDS_FILE, load_folds
 from .postprocess import PAPER, PostProcess
 
 __all__ = ["CamStats", "oof_cam_stats", "evaluate_cams", "VARIANTS"]
@@ -63,7 +63,7 @@ def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: boo
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     dev = _device(device)
     card, models = load_fold_models(model_url, dev, weights=weights)
-    folds = load_folds(f"{model_url.rstrip('/')}/folds.csv")
+    folds = load_folds(io.join(model_url, FOLDS_FILE))
     missing = [i for i in archive.image_ids if i not in folds]
     if missing:
         raise ArchiveError(f"{len(missing)} image(s) of {archive.root} are not in the model's folds "

@@ -189,7 +189,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .folds import save_folds
+    from .folds import FOLDS_FILE, folds_csv
 
     n, c = archive.labels.shape
     probs = np.full((n, c), np.nan, dtype=np.float32)
@@ -222,8 +222,6 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
     })
     buf = _io.BytesIO()
     pq.write_table(table, buf)
-    folds_url = io.join(work, "folds.csv")
-    save_folds(folds_url, archive.image_ids, folds)
     card = ModelCard(
         kind="classifier",
         architecture=cfg.encoder,
@@ -245,4 +243,4 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
               "images_per_class": {str(cid): int(s) for cid, s in zip(archive.class_ids, archive.labels.sum(0))}},
     )
     return write_artifact(out, card, states, extra={"oof.parquet": buf.getvalue(),
-                                                    "folds.csv": io.read_bytes(folds_url), **best_epoch})
+                                                    FOLDS_FILE: folds_csv(archive.image_ids, folds), **best_epoch})

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import io
 
-__all__ = ["make_folds", "save_folds", "load_folds", "FOLDS_FILE"]
+__all__ = ["make_folds", "folds_csv", "save_folds", "load_folds", "FOLDS_FILE"]
 
 FOLDS_FILE = "folds.csv"
 
@@ -40,15 +40,20 @@ def make_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
-def save_folds(url: str, image_ids: list[str], folds: np.ndarray) -> None:
-    """Write ``ImageId,fold`` rows to a CSV file (atomically)."""
+def folds_csv(image_ids: list[str], folds: np.ndarray) -> bytes:
+    """``ImageId,fold`` rows as CSV bytes."""
     if len(image_ids) != len(folds):
         raise ValueError(f"{len(image_ids)} image ids but {len(folds)} fold indices")
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["ImageId", "fold"])
     w.writerows(zip(image_ids, (int(f) for f in folds)))
-    io.write_bytes(url, buf.getvalue().encode())
+    return buf.getvalue().encode()
+
+
+def save_folds(url: str, image_ids: list[str], folds: np.ndarray) -> None:
+    """Write ``ImageId,fold`` rows to a CSV file (atomically)."""
+    io.write_bytes(url, folds_csv(image_ids, folds))
 
 
 def load_folds(url: str) -> dict[str, int]:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from cam2seg import tuning
@@ -67,7 +68,7 @@ def test_every_image_is_mapped_by_its_out_of_fold_model(evaluated):
     st = oof_cam_stats(evaluated["model"], arch, "gradcam++", False, "swa", batch_size=32, log=print)
     assert st.h_all.sum(axis=-1).min() == 64 * 400  # every pair saw every pixel once
     assert (st.true_area == arch.true_areas()).all()
-    oof = __import__("pyarrow.parquet", fromlist=["x"]).read_table(f"{evaluated['model']}/oof.parquet").to_pydict()
+    oof = pq.read_table(f"{evaluated['model']}/oof.parquet").to_pydict()
     stored = np.array([oof[f"prob_{c}"] for c in (1, 2, 3, 4)]).T
     order = [oof["image_id"].index(i) for i in st.image_ids]
     assert np.allclose(st.probs, stored[order], atol=1e-5)
