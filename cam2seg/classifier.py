@@ -35,10 +35,20 @@ class Classifier(nn.Module):
     """timm encoder + :class:`PaperHead`. Input ``float[B, 3, H, W]`` normalised; output logits."""
 
     def __init__(self, encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
-                 dropout: float = 0.3, pretrained: bool = False):
+                 dropout: float = 0.3, pretrained: bool = False, output_stride: int = 32):
         super().__init__()
         # num_classes=0: timm keeps its global pooling and drops its own classifier.
-        self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0)
+        # output_stride < 32 dilates the last stages instead of striding them: same weights,
+        # a finer feature map (so finer CAMs) for more compute.
+        extra = {} if output_stride == 32 else {"output_stride": output_stride}
+        try:
+            self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0, **extra)
+        except TypeError as e:
+            if not extra:
+                raise
+            raise ValueError(f"timm model {encoder!r} does not support output_stride={output_stride} "
+                             "(EfficientNet, MobileNetV2 and ResNet families do; MobileNetV3 does not)") from e
+        self.output_stride = output_stride
         # Some encoders (MobileNetV3) add a conv after pooling: the head sees head_hidden_size.
         pooled = getattr(self.encoder, "head_hidden_size", None) or self.encoder.num_features
         self.head = PaperHead(pooled, hidden, num_classes, dropout)
@@ -78,11 +88,13 @@ def load_encoder_weights(encoder: nn.Module, url: str) -> int:
 
 
 def create_classifier(encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
-                      dropout: float = 0.3, pretrained: bool | str = False) -> Classifier:
+                      dropout: float = 0.3, pretrained: bool | str = False, output_stride: int = 32) -> Classifier:
     """Build a classifier; ``pretrained``: False, True (timm hub download) or a safetensors URL."""
     if encoder not in timm.list_models() and not timm.is_model(encoder):
         raise ValueError(f"unknown timm model {encoder!r}")
-    model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True)
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True, output_stride=output_stride)
     if isinstance(pretrained, str):
         load_encoder_weights(model.encoder, pretrained)
     return model
@@ -103,7 +115,8 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
         raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
     models = []
     for k, sd in enumerate(states):
-        model = Classifier(card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"])
+        model = Classifier(card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"],
+                           output_stride=card.head.get("output_stride", 32))
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

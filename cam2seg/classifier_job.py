@@ -28,6 +28,7 @@ import numpy as np
 from . import __version__, io, metrics, state
 from .archive import Archive
 from .artifact import ModelCard, load_card, write_artifact
+from .classifier import create_classifier
 from .config import ClassifierConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .folds import make_folds
@@ -132,6 +133,8 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     n, c = archive.labels.shape
     if n < 2 * cfg.folds:
         raise ValueError(f"{n} images are too few for {cfg.folds} folds")
+    # Fail here, not in every fold's worker: the encoder must exist and take the stride.
+    create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride)
     key = run_key(cfg, archive)
     if not force and io.exists(io.join(out, "model.json")):
         card = load_card(out)
@@ -231,7 +234,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         grayscale=True,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        head={"hidden": cfg.hidden, "dropout": cfg.dropout},
+        head={"hidden": cfg.hidden, "dropout": cfg.dropout, "output_stride": cfg.output_stride},
         folds=cfg.folds,
         fold_files=[],
         # The paper's tuned post-processing, until the CAM stage tunes them on OOF maps.

@@ -78,7 +78,7 @@ def cmd_train_classifiers(args) -> int:
     from .classifier_job import train_classifiers
     from .config import load_config
 
-    over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "batch_size", "seed")}
+    over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "output_stride", "batch_size", "seed")}
     cfg = load_config(args.config, {"classifier": over}).classifier
     card = train_classifiers(args.data, args.out, cfg, force=args.force)
     print(f"model {args.out}: {card.architecture}, {card.folds} folds, version {card.version}, "
@@ -92,7 +92,7 @@ def cmd_evaluate(args) -> int:
     if args.store or args.segmenter:
         raise ValueError("--store and --segmenter are not implemented yet: evaluate scores the model's CAM masks")
     _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=args.objective,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, guided=not args.no_guided)
     print(table)
     return 0
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
     p.add_argument("--size", help="input HEIGHTxWIDTH (default 256x1600)")
     p.add_argument("--encoder", help="timm model name (default efficientnet_b0)")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32],
+                   help="encoder stride: 16 or 8 give finer CAMs for more compute (default 32)")
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--seed", type=int, help="fold split and initialisation seed (default 0)")
     p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this model")
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["kaggle", "positive"], default="kaggle",
                    help="what tuning maximises: Kaggle mean Dice (default) or positive-pair Dice")
     p.add_argument("--no-write", action="store_true", help="print only; leave the model card as it is")
+    p.add_argument("--no-guided", action="store_true",
+                   help="skip the Guided GradCAM++ rows (a full backward per class: the slowest row)")
     p.add_argument("--batch-size", type=int, default=8)
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)

@@ -49,6 +49,8 @@ class ClassifierConfig(_Section):
     plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
     lr_factor: float = Field(0.5, gt=0, lt=1)
     size: tuple[int, int] = Field((256, 1600), description="input height, width")
+    output_stride: Literal[8, 16, 32] = Field(32, description="encoder stride; 16 or 8 dilate the last stages "
+                                              "for finer CAMs (EfficientNet, MobileNetV2, ResNet)")
     hidden: int = Field(256, ge=1)
     dropout: float = Field(0.3, ge=0, lt=1)
     augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])

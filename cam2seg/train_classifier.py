@@ -126,7 +126,8 @@ def train_fold_loop(config: dict) -> None:
     amp = cfg.mixed_precision and device.type == "cuda"
     say = (lambda msg: print(f"[fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
-    model = create_classifier(cfg.encoder, len(config["train_labels"][0]), cfg.hidden, cfg.dropout, cfg.pretrained)
+    model = create_classifier(cfg.encoder, len(config["train_labels"][0]), cfg.hidden, cfg.dropout, cfg.pretrained,
+                              cfg.output_stride)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     opt = make_optimizer(core, cfg)

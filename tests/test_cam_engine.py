@@ -1,5 +1,7 @@
 """The fast CAM engine equals pytorch-grad-cam (the reference) on random-init timm models."""
 
+import copy
+
 import pytest
 import torch
 
@@ -56,3 +58,43 @@ def test_library_engine_offers_other_methods(method):
     m = Classifier("resnet10t").eval()
     cams, probs = library_cams(m, torch.randn(2, 3, 32, 128), method, aug_smooth=False, out_size=(40, 160))
     assert cams.shape == (2, 4, 40, 160) and torch.isfinite(cams).all()
+
+
+def test_guided_backprop_equals_the_librarys_on_a_relu_model():
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    from cam2seg.cam import guided_backprop, guided_model
+
+    torch.manual_seed(0)
+    m = Classifier("resnet10t").eval()
+    x = torch.randn(2, 3, 32, 128, generator=torch.Generator().manual_seed(2))
+    plain = [p.clone() for p in m.state_dict().values()]
+    ours = guided_backprop(guided_model(m), x)  # [B, C, 3, H, W]
+    assert ours.shape == (2, 4, 3, 32, 128)
+    ref_model = copy.deepcopy(m)  # the library swaps the model's ReLUs in place
+    for k in range(4):
+        ref = GuidedBackpropReLUModel(ref_model, device="cpu")(x[:1], target_category=k)  # [H, W, 3]
+        ref = torch.from_numpy(ref).permute(2, 0, 1)
+        assert ref.abs().max() > 0
+        assert (ours[0, k] - ref).abs().max() < 1e-5 * ref.abs().max()
+    # guided differs from the plain input gradient, and the model itself is untouched
+    xg = x.clone().requires_grad_(True)
+    (plain_grad,) = torch.autograd.grad(m(xg)[:, 0].sum(), xg)
+    assert not torch.allclose(plain_grad, ours[:, 0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, m.state_dict().values()))
+    assert any(isinstance(mod, torch.nn.ReLU) for mod in m.modules())
+
+
+def test_guided_gradcam_on_a_silu_model():
+    torch.manual_seed(0)
+    m = Classifier("efficientnet_b0").eval()
+    x = torch.randn(2, 3, 64, 256, generator=torch.Generator().manual_seed(3))
+    cams, probs = compute_cams(m, x, "gradcam++", aug_smooth=False)
+    guided, p2 = compute_cams(m, x, "guided-gradcam++", aug_smooth=False, out_size=(64, 256))
+    assert guided.shape == cams.shape and torch.equal(probs, p2)
+    assert guided.min() >= 0 and guided.max() <= 1
+    # zero wherever the CAM is zero; pixel-sharper than the CAM elsewhere
+    assert (guided[cams == 0] == 0).all()
+    live = cams.amax(dim=(-2, -1)) > 0
+    tv = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean(dim=(-2, -1))  # noqa: E731
+    assert (tv(guided)[live] > tv(cams)[live]).all()

@@ -29,7 +29,8 @@ def evaluated(trained_classifier, tmp_path_factory):
 def test_table_has_the_papers_rows_and_both_baselines(evaluated):
     t = evaluated["table"]
     for name in ["GradCAM (paper", "GradCAM++ (paper", "GradCAM++ + SWA + aug smooth (paper",
-                 "tuned (global)", "tuned (per class)", "baseline: all-empty", "baseline: whole image if accepted"]:
+                 "tuned (global)", "tuned (per class)", "baseline: all-empty", "baseline: whole image if accepted",
+                 "Guided GradCAM++ + SWA + aug smooth (paper", "Guided GradCAM++ + SWA + aug smooth, tuned (per class)"]:
         assert name in t, name
     rows = evaluated["rows"]
     assert rows["baseline: all-empty"].positive_mean == 0.0

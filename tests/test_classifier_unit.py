@@ -34,6 +34,22 @@ def test_efficientnet_features_are_the_silu_after_conv_head():
     assert torch.equal(seen["act"], f)
 
 
+def test_output_stride_gives_finer_features_with_the_same_weights():
+    coarse = create_classifier("mobilenetv2_050", hidden=8).eval()
+    fine = create_classifier("mobilenetv2_050", hidden=8, output_stride=16).eval()
+    fine.load_state_dict(coarse.state_dict())  # dilation changes no parameter
+    x = torch.randn(1, 3, 64, 256)
+    assert coarse.forward_features(x).shape[-2:] == (2, 8)
+    assert fine.forward_features(x).shape[-2:] == (4, 16)
+    with pytest.raises(ValueError, match="does not support output_stride=16"):
+        create_classifier("mobilenetv3_small_100", output_stride=16)
+    with pytest.raises(ValueError, match="8, 16 or 32"):
+        create_classifier("resnet10t", output_stride=12)
+    assert ClassifierConfig(output_stride=16).output_stride == 16
+    with pytest.raises(ValueError):
+        ClassifierConfig(output_stride=12)
+
+
 def test_unknown_encoder_and_wrong_pretrained_file(tmp_path):
     with pytest.raises(ValueError, match="unknown timm model"):
         create_classifier("no_such_net")

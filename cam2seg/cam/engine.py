@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from .gradcam import gradcam_weights
 from .gradcam_plusplus import gradcam_plusplus_weights
+from .guided import GUIDED_METHODS, guided_backprop, guided_model, guided_saliency
 
-__all__ = ["METHODS", "AUG_VARIANTS", "compute_cams", "feature_maps_to_cams", "head_gradients"]
+__all__ = ["METHODS", "GUIDED_METHODS", "AUG_VARIANTS", "compute_cams", "feature_maps_to_cams", "head_gradients"]
 
 METHODS = {"gradcam": gradcam_weights, "gradcam++": gradcam_plusplus_weights}
 # (horizontal flip, intensity factor): pytorch-grad-cam's default aug smoothing.
@@ -81,22 +82,34 @@ def _one_model(model, x: torch.Tensor, method: str, variants: Sequence[tuple[boo
     return cams.mean(dim=1).transpose(0, 1), probs
 
 
+def _guided_one_model(model, x: torch.Tensor, method: str, variants):
+    cams, probs = _one_model(model, x, GUIDED_METHODS[method], variants)
+    saliency = guided_saliency(guided_backprop(guided_model(model), x))
+    return _minmax(cams * saliency), probs
+
+
 def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = True,
                  out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CAMs of every class for a batch, on the model's device.
 
     ``model``: a classifier with ``forward_features``/``forward_head`` (any timm model or
     :class:`cam2seg.classifier.Classifier`), or a list of them (fold ensemble: maps and
-    probabilities averaged). Models must be in eval mode. Returns (cams ``float32[B, C, H, W]``
-    in [0, 1] at ``out_size`` or the input size, probs ``float32[B, C]``).
+    probabilities averaged). Models must be in eval mode. ``method``: "gradcam", "gradcam++",
+    or "guided-gradcam"/"guided-gradcam++" (the CAM times guided backpropagation, see
+    :mod:`cam2seg.cam.guided`; a full backward per class, so several times slower).
+    Returns (cams ``float32[B, C, H, W]`` in [0, 1] at ``out_size`` or the input size,
+    probs ``float32[B, C]``).
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if images.ndim != 4:
         raise ValueError(f"images must be [B, 3, h, w], got {tuple(images.shape)}")
     variants = AUG_VARIANTS if aug_smooth else ((False, 1.0),)
+    if method not in METHODS and method not in GUIDED_METHODS:
+        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join([*METHODS, *GUIDED_METHODS])}")
+    one = _guided_one_model if method in GUIDED_METHODS else _one_model
     cams, probs = None, None
     for m in models:
-        c, p = _one_model(m, images, method, variants)
+        c, p = one(m, images, method, variants)
         cams = c if cams is None else cams + c
         probs = p if probs is None else probs + p
     cams, probs = cams / len(models), probs / len(models)
