@@ -1,7 +1,7 @@
 """CAM throughput and peak memory: the fast engine vs pytorch-grad-cam vs the forward-only bound.
 
     .venv/bin/python bench/cam_throughput.py [--size 256x1600] [--batch 4] [--encoder efficientnet_b0]
-                                             [--device cpu|cuda] [--repeat 2]
+                                             [--device cpu|cuda] [--repeat 2] [--variants-per-pass 1|all]
 
 All 4 class maps per image; the library needs one call per class with one target per image.
 Forward-only bound: a no-grad forward of the same batch (x6 images with aug smoothing, which is
@@ -19,7 +19,8 @@ import sys
 import time
 
 
-def measure(kind: str, size, batch: int, encoder: str, device: str, aug: bool, repeat: int) -> dict:
+def measure(kind: str, size, batch: int, encoder: str, device: str, aug: bool, repeat: int,
+            per_pass: int | None) -> dict:
     import resource
 
     import torch
@@ -35,7 +36,7 @@ def measure(kind: str, size, batch: int, encoder: str, device: str, aug: bool, r
 
     def run():
         if kind == "fast":
-            compute_cams(model, x, "gradcam++", aug)
+            compute_cams(model, x, "gradcam++", aug, variants_per_pass=per_pass)
         elif kind == "library":
             library_cams(model, x, "gradcam++", aug)
         else:
@@ -64,23 +65,29 @@ def main():
     ap.add_argument("--encoder", default="efficientnet_b0")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--variants-per-pass", default="1",
+                    help="aug variants per encoder pass of the fast engine: 1 (default) .. 6, or all")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
+    per_pass = None if args.variants_per_pass == "all" else int(args.variants_per_pass)
     if args.one:
         kind, aug = args.one.split(",")
-        print(json.dumps(measure(kind, size, args.batch, args.encoder, args.device, aug == "1", args.repeat)))
+        print(json.dumps(measure(kind, size, args.batch, args.encoder, args.device, aug == "1", args.repeat,
+                                 per_pass)))
         return
     import torch
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}; "
-          f"{args.encoder} at {args.size}, batch {args.batch}, GradCAM++, 4 classes")
+          f"{args.encoder} at {args.size}, batch {args.batch}, GradCAM++, 4 classes, "
+          f"aug variants per pass: {args.variants_per_pass}")
     for aug in (False, True):
         res = {}
         for kind in ("fast", "library", "forward"):
             out = subprocess.run([sys.executable, __file__, "--one", f"{kind},{int(aug)}", "--size", args.size,
                                   "--batch", str(args.batch), "--encoder", args.encoder, "--device", args.device,
-                                  "--repeat", str(args.repeat)], capture_output=True, text=True, check=True)
+                                  "--repeat", str(args.repeat), "--variants-per-pass", args.variants_per_pass],
+                                 capture_output=True, text=True, check=True)
             res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         f, lib, fwd = res["fast"], res["library"], res["forward"]
         # the forward run pushed 6x the images through with aug smoothing, and its rate is

@@ -32,27 +32,13 @@ from .classifier import create_classifier
 from .config import ClassifierConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .folds import make_folds
+from .raycluster import cluster_gpus, ensure_ray
 from .train_classifier import FINAL_FILE, OOF_FILE, SWA_FILE, train_fold_loop
 
-__all__ = ["train_classifiers", "run_key", "ensure_ray"]
+__all__ = ["train_classifiers", "run_key"]
 
 # Settings that change how a run executes but not what it learns: they stay out of the run key.
 _RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker", "gpus_per_worker"}
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet about it."""
-    import ray
-
-    if not ray.is_initialized():
-        # Train V2 re-routes worker print() through its logger as well as stdout, which shows
-        # every line twice on the driver; its per-checkpoint INFO lines drown the epoch lines.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        # Ray merges "similar" lines across workers: fold 0's epoch line would vanish into fold 1's.
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=True,
-                 logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
 def run_key(cfg: ClassifierConfig, archive: Archive) -> str:
@@ -114,11 +100,9 @@ def _fold_task(fold: int, loop_config: dict, work: str, cfg: ClassifierConfig, g
 
 
 def _gpus_per_worker(cfg: ClassifierConfig) -> float:
-    import ray
-
     if cfg.gpus_per_worker is not None:
         return cfg.gpus_per_worker
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return 1.0 if cluster_gpus() >= 1 else 0.0
 
 
 def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: bool = False,
@@ -243,6 +227,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
                  "oof_auc_mean": float(np.nanmean(auc)), "folds": fold_info},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__},
         data={"archive": archive.root, "source": archive.source, "images": n,
+              "image_size": list(archive.image_shape(archive.image_ids[0])),
               "images_per_class": {str(cid): int(s) for cid, s in zip(archive.class_ids, archive.labels.sum(0))}},
     )
     return write_artifact(out, card, states, extra={"oof.parquet": buf.getvalue(),

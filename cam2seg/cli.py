@@ -86,6 +86,18 @@ def cmd_train_classifiers(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from .config import load_config
+    from .label_job import label_archive
+
+    over = {"actors": args.actors, "batch_size": args.batch_size, "method": args.method}
+    cfg = load_config(args.config, {"label": over}).label
+    summary = label_archive(args.model, args.images, args.out, cfg, incremental=args.incremental,
+                            relabel=args.relabel, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(summary)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .cam_eval import evaluate_cams
 
@@ -147,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_train_classifiers)
 
+    p = sub.add_parser("label", help="stage 2: CAM pseudo-masks for every image under a prefix, on Ray Data")
+    p.add_argument("--model", required=True, metavar="MODEL", help="classifier artifact")
+    p.add_argument("--images", required=True, metavar="PREFIX", help="folder or s3:// prefix of image files")
+    p.add_argument("--out", required=True, metavar="STORE", help="label store (folder or s3:// prefix)")
+    p.add_argument("--incremental", action="store_true",
+                   help="skip images a committed run already labeled with this model version")
+    p.add_argument("--relabel", action="store_true", help="label everything again even with --incremental")
+    p.add_argument("--actors", type=int, help="CAM actors (default: one per GPU, or 1)")
+    p.add_argument("--batch-size", type=int, help="images per CAM batch (default 16)")
+    p.add_argument("--method", help="gradcam, gradcam++ (default), guided-gradcam, guided-gradcam++")
+    _add_config(p)
+    p.set_defaults(func=cmd_label)
+
     p = sub.add_parser("evaluate", help="score CAM pseudo-masks out of fold (paper's Table 2), tune thresholds")
     p.add_argument("--model", required=True, metavar="MODEL", help="classifier artifact")
     p.add_argument("--truth", required=True, metavar="ARCHIVE", help="the archive it was trained on, with masks")
@@ -176,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from .artifact import ArtifactError
     from .config import ConfigError
     from .rle import RLEError
+    from .store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ArchiveError, ArtifactError, RLEError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (ConfigError, ArchiveError, ArtifactError, RLEError, StoreError, FileNotFoundError, NotADirectoryError,
+            ValueError) as e:
         print(f"cam2seg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import io
 
-__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "Config", "load_config", "parse_size"]
+__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "Config", "load_config", "parse_size"]
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,32 @@ class ClassifierConfig(_Section):
         return parse_size(v) if isinstance(v, str) else v
 
 
+class LabelConfig(_Section):
+    """``cam2seg label``: stage 2 at scale, the Ray Data labeling job."""
+
+    method: str = Field("gradcam++", description="fast CAM method: gradcam, gradcam++, guided-gradcam(++)")
+    aug_smooth: bool = True
+    actors: int | None = Field(None, ge=1, description="CAM actors; None: one per GPU, or 1 without GPUs")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="images per CAM batch on an actor")
+    read_batch: int = Field(64, ge=1, description="images per read/decode task")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs a read or write task reserves (mostly I/O)")
+    read_threads: int = Field(8, ge=1, description="concurrent downloads within a read task")
+    images_per_file: int = Field(2000, ge=1, description="images per Parquet part")
+    commit_every: int = Field(10000, ge=1, description="commit the run's parts after this many more images")
+    image_size: str = Field("auto", description="expected HEIGHTxWIDTH of every image, 'any', or 'auto' "
+                            "(the size the model's training archive had)")
+    lease_ttl: float = Field(600.0, gt=0, description="seconds without heartbeat before a run's lease expires")
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v):
+        if v not in ("auto", "any"):
+            parse_size(v)
+        return v
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256x1600' -> (256, 1600) (height x width)."""
     try:
@@ -88,6 +114,7 @@ class Config(_Section):
 
     synth: SynthConfig = SynthConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    label: LabelConfig = LabelConfig()
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

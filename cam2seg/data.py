@@ -15,7 +15,7 @@ import torch
 
 from . import io
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_images", "resize", "build_augment", "to_input", "epoch_batches"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_images", "prepare", "resize", "build_augment", "to_input", "epoch_batches"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,13 +34,18 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
+def prepare(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A decoded image (grey or RGB ``uint8``) -> ``uint8[h, w]`` grey at ``size``."""
+    return resize(_gray(image), size)
+
+
 def load_images(urls: list[str], size: tuple[int, int], threads: int = 8) -> np.ndarray:
     """Read, decode, convert to grey and resize images: ``uint8[N, H, W]`` at ``size``."""
     out = np.empty((len(urls), *size), dtype=np.uint8)
 
     def one(i: int) -> None:
         try:
-            out[i] = resize(_gray(io.decode_image(io.read_bytes(urls[i]))), size)
+            out[i] = prepare(io.decode_image(io.read_bytes(urls[i])), size)
         except io.ImageDecodeError as e:
             raise io.ImageDecodeError(f"{urls[i]}: {e}") from None
 

@@ -114,3 +114,29 @@ def trained_classifier(tmp_path_factory):
     finally:
         ray.shutdown()
     return {"data": data, "out": out, "card": card, "cfg": cfg, "seconds": seconds}
+
+
+def write_random_artifact(out: str, encoder: str = "mobilenetv3_small_100", size=(64, 400), folds: int = 2,
+                          seed: int = 0, image_size=(64, 400)) -> "ModelCard":  # noqa: F821
+    """A random-init classifier artifact: labeling tests need a model, not a good one.
+
+    Confidence 0 so every class gets a map to threshold (random probabilities hover at 0.5)."""
+    import torch
+
+    from cam2seg.artifact import ModelCard, write_artifact
+    from cam2seg.classifier import Classifier
+    from cam2seg.data import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(seed)
+    states = [Classifier(encoder, hidden=16).state_dict() for _ in range(folds)]
+    card = ModelCard(kind="classifier", architecture=encoder, num_classes=4, class_ids=[1, 2, 3, 4],
+                     input_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, head={"hidden": 16, "dropout": 0.1},
+                     folds=folds, fold_files=[], data={"image_size": list(image_size)},
+                     postprocess={"confidence": 0.0, "threshold": 0.3, "min_seg_len": 0})
+    return write_artifact(out, card, states)
+
+
+@pytest.fixture(scope="session")
+def random_artifact():
+    """:func:`write_random_artifact`, for tests that need a model artifact quickly."""
+    return write_random_artifact

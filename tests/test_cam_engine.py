@@ -27,6 +27,9 @@ def test_fast_engine_equals_library(model, method, aug_smooth):
     # not a vacuous comparison: a good share of the maps are non-zero (random-init models give
     # some all-zero maps, where every weighted activation is negative before the ReLU)
     assert (fast.amax(dim=(-2, -1)) > 0.5).float().mean() >= 0.25
+    if aug_smooth:  # all six variants in one encoder pass give the same maps
+        together, p_together = compute_cams(model, x, method, aug_smooth, variants_per_pass=None)
+        assert (together - fast).abs().max().item() < 1e-5 and torch.equal(p_together, p_fast)
 
 
 def test_target_layer_is_the_forward_features_output():

@@ -10,7 +10,9 @@ maps then follow pytorch-grad-cam step by step, so the two agree numerically:
 2. per-map min-max scaling (x - min) / (1e-7 + max), bilinear resize to the input size
 3. ReLU and min-max again (the library's aggregation over target layers, here one layer)
 4. aug smoothing: the mean over {identity, horizontal flip} x {x0.9, x1.0, x1.1} of the
-   de-augmented maps (the factors multiply the normalised input, as ttach does)
+   de-augmented maps (the factors multiply the normalised input, as ttach does); the six
+   variants go through the encoder one after another by default (memory of one batch) or
+   together in one 6x batch (``variants_per_pass=None``)
 
 Finally the maps are resized to ``out_size`` (the original image's size) for the masks.
 Shapes: images ``float32[B, 3, h, w]`` normalised; cams ``float32[B, C, H, W]`` in [0, 1];
@@ -69,27 +71,35 @@ def feature_maps_to_cams(features: torch.Tensor, grads: torch.Tensor, method: st
 
 
 @torch.no_grad()
-def _one_model(model, x: torch.Tensor, method: str, variants: Sequence[tuple[bool, float]]):
+def _one_model(model, x: torch.Tensor, method: str, variants: Sequence[tuple[bool, float]],
+               variants_per_pass: int | None = None):
     b = x.shape[0]
-    batch = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in variants])
-    features = model.forward_features(batch)
-    logits, grads = head_gradients(model, features)
-    cams = feature_maps_to_cams(features, grads, method, tuple(x.shape[-2:]))  # [C, V*B, H, W]
-    cams = cams.reshape(cams.shape[0], len(variants), b, *cams.shape[-2:])
-    cams = torch.stack([m.flip(-1) if flip else m for m, (flip, _) in zip(cams.unbind(1), variants)], dim=1)
-    identity = variants.index((False, 1.0))
-    probs = torch.sigmoid(logits.reshape(len(variants), b, -1)[identity].float())
-    return cams.mean(dim=1).transpose(0, 1), probs
+    per_pass = len(variants) if variants_per_pass is None else max(1, variants_per_pass)
+    total, probs = None, None
+    for s in range(0, len(variants), per_pass):
+        chunk = variants[s : s + per_pass]
+        features = model.forward_features(torch.cat([(x.flip(-1) if flip else x) * f for flip, f in chunk]))
+        logits, grads = head_gradients(model, features)
+        cams = feature_maps_to_cams(features, grads, method, tuple(x.shape[-2:]))  # [C, v*B, H, W]
+        del features, grads
+        cams = cams.reshape(cams.shape[0], len(chunk), b, *cams.shape[-2:])
+        for v, (flip, factor) in enumerate(chunk):
+            m = cams[:, v].flip(-1) if flip else cams[:, v]
+            total = m if total is None else total + m
+            if (flip, factor) == (False, 1.0):
+                probs = torch.sigmoid(logits.reshape(len(chunk), b, -1)[v].float())
+    return (total / len(variants)).transpose(0, 1), probs
 
 
-def _guided_one_model(model, x: torch.Tensor, method: str, variants):
-    cams, probs = _one_model(model, x, GUIDED_METHODS[method], variants)
+def _guided_one_model(model, x: torch.Tensor, method: str, variants, variants_per_pass=None):
+    cams, probs = _one_model(model, x, GUIDED_METHODS[method], variants, variants_per_pass)
     saliency = guided_saliency(guided_backprop(guided_model(model), x))
     return _minmax(cams * saliency), probs
 
 
 def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = True,
-                 out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 out_size: tuple[int, int] | None = None,
+                 variants_per_pass: int | None = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """CAMs of every class for a batch, on the model's device.
 
     ``model``: a classifier with ``forward_features``/``forward_head`` (any timm model or
@@ -97,6 +107,9 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
     probabilities averaged). Models must be in eval mode. ``method``: "gradcam", "gradcam++",
     or "guided-gradcam"/"guided-gradcam++" (the CAM times guided backpropagation, see
     :mod:`cam2seg.cam.guided`; a full backward per class, so several times slower).
+    ``variants_per_pass``: aug variants the encoder sees in one batch (None: all six at once,
+    6x the batch; 1, the default: one after another, so aug smoothing needs the memory of
+    one batch; the maps are the same up to float rounding).
     Returns (cams ``float32[B, C, H, W]`` in [0, 1] at ``out_size`` or the input size,
     probs ``float32[B, C]``).
     """
@@ -109,7 +122,7 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
     one = _guided_one_model if method in GUIDED_METHODS else _one_model
     cams, probs = None, None
     for m in models:
-        c, p = one(m, images, method, variants)
+        c, p = one(m, images, method, variants, variants_per_pass)
         cams = c if cams is None else cams + c
         probs = p if probs is None else probs + p
     cams, probs = cams / len(models), probs / len(models)

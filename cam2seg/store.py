@@ -1,0 +1,259 @@
+"""The label store: Parquet RLE masks in committed runs (DESIGN.md, "Label store").
+
+Layout under ``<store>``::
+
+    masks/run=<run_id>/part-<uuid>.parquet     one row per (image, class), empty masks too
+    errors/run=<run_id>/part-<uuid>.parquet    images that could not be labeled, with a reason
+    _runs/<run_id>.json                        the commit marker: which parts count
+    _lock.json                                 the lease of the run writing now
+
+Parts are written first and count only once a marker lists them; the marker is one PUT (an
+atomic rename locally), rewritten as a long run commits more parts and marked ``complete``
+at the end. Readers trust markers only, so a crashed run shows exactly what it committed
+and nothing half-written; the next run (holding the lease) deletes unlisted parts. Ray's own
+``write_parquet`` is not used for this reason: it is not atomic (ray#55043).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import io, rle
+
+__all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "new_run_id", "write_part", "commit",
+           "committed_runs", "read_masks", "read_errors", "labeled_ids", "decode_mask", "Lease",
+           "remove_uncommitted", "read_parts", "now"]
+
+MASK_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("class_id", pa.int8()), ("encoded_pixels", pa.string()),
+    ("score", pa.float32()), ("area", pa.int32()), ("height", pa.int16()), ("width", pa.int16()),
+    ("model_version", pa.string()), ("run_id", pa.string()),
+])
+ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("error", pa.string()),
+                          ("run_id", pa.string())])
+RUNS = "_runs"
+LOCK = "_lock.json"
+
+
+class StoreError(RuntimeError):
+    """A label store that cannot be read or written as asked."""
+
+
+class StoreBusy(StoreError):
+    """Another run holds the store's lease."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across hosts: ``20261125T031500123Z-1a2b3c4d``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-4] + "Z-" + uuid.uuid4().hex[:8]
+
+
+def write_part(store: str, kind: str, run_id: str, table: pa.Table) -> dict:
+    """Write one Parquet part of ``kind`` ("masks" or "errors"); returns its manifest entry
+    ``{"file": relative path, "rows": n}``. The part is invisible until committed."""
+    if kind not in ("masks", "errors"):
+        raise ValueError(f"kind must be masks or errors, got {kind!r}")
+    rel = f"{kind}/run={run_id}/part-{uuid.uuid4().hex}.parquet"
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    io.write_bytes(io.join(store, rel), buf.getvalue().to_pybytes())
+    return {"file": rel, "rows": table.num_rows}
+
+
+def commit(store: str, run_id: str, marker: dict) -> None:
+    """Write (or rewrite) the run's marker; ``marker["parts"]`` lists the committed parts."""
+    marker = {**marker, "run_id": run_id, "committed_at": now()}
+    io.write_bytes(io.join(store, RUNS, f"{run_id}.json"), json.dumps(marker, indent=1).encode())
+
+
+def committed_runs(store: str) -> list[dict]:
+    """Markers of the store, oldest first (by run id, which starts with the start time)."""
+    fs, root = io.filesystem(store)
+    runs_dir = f"{root.rstrip('/')}/{RUNS}"
+    if not fs.exists(runs_dir):
+        return []
+    markers = []
+    for path in sorted(fs.ls(runs_dir, detail=False)):
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                markers.append(json.loads(fs.cat_file(path)))
+            except ValueError as e:
+                raise StoreError(f"{store}: unreadable commit marker {name}: {e}") from None
+    return sorted(markers, key=lambda m: m["run_id"])
+
+
+def read_parts(store: str, markers: list[dict], kind: str, schema: pa.Schema, columns=None) -> pa.Table:
+    """All rows of ``kind`` the ``markers`` list, with ``_rank`` = the marker's position."""
+    tables = []
+    for rank, m in enumerate(markers):
+        for part in m.get("parts", {}).get(kind, []):
+            fs, path = io.filesystem(io.join(store, part["file"]))
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=columns)
+            if t.num_rows != part["rows"]:
+                raise StoreError(f"{store}/{part['file']}: {t.num_rows} rows, its marker says {part['rows']}")
+            tables.append(t.append_column("_rank", pa.array(np.full(t.num_rows, rank, np.int32))))
+    if not tables:
+        cols = [schema.field(c) for c in (columns or schema.names)]
+        return pa.schema([*cols, ("_rank", pa.int32())]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def _newest(table: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep, per key, the row of the newest run (highest ``_rank``); drop ``_rank``."""
+    if table.num_rows == 0:
+        return table.drop_columns(["_rank"])
+    order = pc.sort_indices(table, [(k, "ascending") for k in keys] + [("_rank", "descending")])
+    t = table.take(order)
+    first = np.zeros(t.num_rows, bool)
+    first[0] = True
+    for k in keys:  # a row starts a group when any key differs from the row before
+        col = t.column(k).to_numpy(zero_copy_only=False)
+        first[1:] |= col[1:] != col[:-1]
+    return t.filter(pa.array(first)).drop_columns(["_rank"])
+
+
+def read_masks(store: str, columns: list[str] | None = None) -> pa.Table:
+    """Committed rows, the newest run's per (image, class): a pyarrow Table with
+    :data:`MASK_SCHEMA` (or ``columns`` of it), sorted by image and class."""
+    if columns is not None:
+        columns = list(dict.fromkeys([*columns, "image_id", "class_id"]))
+    return _newest(read_parts(store, committed_runs(store), "masks", MASK_SCHEMA, columns), ["image_id", "class_id"])
+
+
+def read_errors(store: str) -> pa.Table:
+    """The newest committed error per image, for images no committed run has labeled."""
+    errors = _newest(read_parts(store, committed_runs(store), "errors", ERROR_SCHEMA), ["image_id"])
+    labeled = read_masks(store, columns=["image_id"]).column("image_id")
+    return errors.filter(pc.invert(pc.is_in(errors.column("image_id"), value_set=labeled)))
+
+
+def labeled_ids(store: str, model_version: str) -> set[str]:
+    """Images some committed run has labeled with ``model_version`` (errors do not count)."""
+    t = read_parts(store, committed_runs(store), "masks", MASK_SCHEMA, ["image_id", "model_version"])
+    return set(t.filter(pc.equal(t.column("model_version"), model_version)).column("image_id").to_pylist())
+
+
+def decode_mask(row: dict) -> np.ndarray:
+    """A store row (a dict, e.g. from ``Table.to_pylist()``) -> ``bool[height, width]``."""
+    return rle.decode(row["encoded_pixels"] or "", int(row["height"]), int(row["width"]))
+
+
+def remove_uncommitted(store: str) -> int:
+    """Delete parts no marker lists (left by crashed runs); returns how many. Call it only
+    while holding the :class:`Lease`, or a running job's fresh parts would go."""
+    fs, root = io.filesystem(store)
+    root = root.rstrip("/")
+    listed = {p["file"] for m in committed_runs(store) for kind in ("masks", "errors")
+              for p in m.get("parts", {}).get(kind, [])}
+    removed = 0
+    for kind in ("masks", "errors"):
+        if not fs.exists(f"{root}/{kind}"):
+            continue
+        for path in fs.find(f"{root}/{kind}", withdirs=False):
+            if path[len(root) + 1 :] not in listed:
+                fs.rm_file(path)
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """Exclusive right to write a store, as a ``_lock.json`` object with a heartbeat.
+
+    A lease is taken over when its holder is gone: a dead pid on this host, or no heartbeat
+    for ``ttl`` seconds (a holder on another host that crashed). Otherwise :class:`StoreBusy`.
+    Object stores have no atomic create here, so acquiring writes, waits and re-reads: two
+    runs starting in the same instant may both back off, never both proceed.
+    """
+
+    def __init__(self, store: str, run_id: str, ttl: float = 600.0, settle: float = 0.5):
+        self.store, self.run_id, self.ttl, self.settle = store, run_id, ttl, settle
+        self.url = io.join(store, LOCK)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _body(self) -> dict:
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+    def _current(self) -> dict | None:
+        try:
+            return json.loads(io.read_bytes(self.url))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a torn or foreign lock file: treat as absent
+
+    def _stale(self, held: dict) -> bool:
+        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", -1))):
+            return True
+        return time.time() - float(held.get("heartbeat", 0)) > self.ttl
+
+    def acquire(self) -> Lease:
+        try:
+            held = self._current()
+        except OSError as e:
+            raise StoreError(f"cannot write to the label store {self.store}: {e}") from None
+        if held is not None and held.get("run_id") != self.run_id and not self._stale(held):
+            age = time.time() - float(held.get("heartbeat", 0))
+            raise StoreBusy(f"{self.store} is being written by run {held.get('run_id')} (host {held.get('host')}, "
+                            f"pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or if it "
+                            f"died remove {self.url}")
+        try:
+            io.write_bytes(self.url, json.dumps(self._body()).encode())
+        except (OSError, PermissionError) as e:
+            raise StoreError(f"cannot write to the label store {self.store}: {e}") from None
+        time.sleep(self.settle)
+        held = self._current()
+        if held is None or held.get("run_id") != self.run_id:
+            raise StoreBusy(f"{self.store}: run {held and held.get('run_id')} took the lease at the same time")
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="cam2seg-lease")
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                io.write_bytes(self.url, json.dumps(self._body()).encode())
+            except Exception:  # a missed beat only shortens the lease; the next one retries
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        held = self._current()
+        if held is not None and held.get("run_id") == self.run_id:
+            fs, path = io.filesystem(self.url)
+            fs.rm_file(path)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
