@@ -140,3 +140,31 @@ def write_random_artifact(out: str, encoder: str = "mobilenetv3_small_100", size
 def random_artifact():
     """:func:`write_random_artifact`, for tests that need a model artifact quickly."""
     return write_random_artifact
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """S3 settings in the environment *before* the local Ray cluster starts, so its workers
+    inherit them (on a cluster they come from instance roles or secrets instead)."""
+    import ray
+    import s3fs
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield s3fs.S3FileSystem()
+    finally:
+        ray.shutdown()
+        urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"), timeout=5)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
