@@ -75,7 +75,8 @@ class ClassifierConfig(_Section):
 class LabelConfig(_Section):
     """``cam2seg label``: stage 2 at scale, the Ray Data labeling job."""
 
-    method: str = Field("gradcam++", description="fast CAM method: gradcam, gradcam++, guided-gradcam(++)")
+    method: Literal["gradcam", "gradcam++", "guided-gradcam", "guided-gradcam++"] = Field(
+        "gradcam++", description="the fast engine's CAM method")
     aug_smooth: bool = True
     actors: int | None = Field(None, ge=1, description="CAM actors; None: one per GPU, or 1 without GPUs")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")

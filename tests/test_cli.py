@@ -51,6 +51,22 @@ def test_clear_errors(tmp_path):
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
+def test_label_errors_before_any_work(tmp_path, random_artifact):
+    (tmp_path / "images").mkdir()
+    r = run("label", "--model", str(tmp_path / "no-model"), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "store"))
+    assert r.returncode == 2 and "no model artifact" in r.stderr and "Traceback" not in r.stderr
+    random_artifact(str(tmp_path / "model"))
+    r = run("label", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "store"))
+    assert r.returncode == 2 and "no images under" in r.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("label:\n  image_size: big\n")
+    r = run("label", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "store"), "--config", str(cfg))
+    assert r.returncode == 2 and "label.image_size" in r.stderr
+
+
 def test_load_config_precedence_and_validation(tmp_path):
     assert load_config().synth.images == 1000
     p = tmp_path / "c.yaml"
