@@ -56,31 +56,19 @@ def _write_csv(root, text):
     (root / "train.csv").write_text(text)
 
 
-def test_missing_columns(small_archive, tmp_path):
+@pytest.mark.parametrize("csv, message", [
+    ("ImageId,ClassId\nsynth_0000000.jpg,1\n", "train.csv: missing column.*EncodedPixels"),
+    ("ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nsynth_0000001.jpg,5,1 3\n",
+     "line 3: ClassId 5 out of range 1..4"),
+    ("ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nsynth_0000000.jpg,1,9 3\n",
+     r"duplicate.*lines 2 and 3"),
+    ("ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nghost.jpg,2,1 3\n", "line 3: ghost.jpg"),
+    ("ImageId,ClassId,EncodedPixels\n../../etc/passwd,1,1 3\n", "line 2: bad ImageId"),
+], ids=["missing-column", "class-out-of-range", "duplicate-rows", "missing-image", "unsafe-image-id"])
+def test_bad_csv_names_the_problem(small_archive, tmp_path, csv, message):
     root = _copy(small_archive, tmp_path)
-    _write_csv(root, "ImageId,ClassId\nsynth_0000000.jpg,1\n")
-    with pytest.raises(ArchiveError, match="train.csv: missing column.*EncodedPixels"):
-        Archive.open(str(root))
-
-
-def test_class_out_of_range_names_line(small_archive, tmp_path):
-    root = _copy(small_archive, tmp_path)
-    _write_csv(root, "ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nsynth_0000001.jpg,5,1 3\n")
-    with pytest.raises(ArchiveError, match="line 3: ClassId 5 out of range 1..4"):
-        Archive.open(str(root))
-
-
-def test_duplicate_rows(small_archive, tmp_path):
-    root = _copy(small_archive, tmp_path)
-    _write_csv(root, "ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nsynth_0000000.jpg,1,9 3\n")
-    with pytest.raises(ArchiveError, match=r"duplicate.*lines 2 and 3"):
-        Archive.open(str(root))
-
-
-def test_missing_image(small_archive, tmp_path):
-    root = _copy(small_archive, tmp_path)
-    _write_csv(root, "ImageId,ClassId,EncodedPixels\nsynth_0000000.jpg,1,1 3\nghost.jpg,2,1 3\n")
-    with pytest.raises(ArchiveError, match="line 3: ghost.jpg"):
+    _write_csv(root, csv)
+    with pytest.raises(ArchiveError, match=message):
         Archive.open(str(root))
 
 
@@ -97,13 +85,6 @@ def test_bad_rle_and_mixed_rows(small_archive, tmp_path):
     a = Archive.open(str(root))
     with pytest.raises(ArchiveError, match="line 2.*past the image"):
         a.masks("synth_0000000.jpg")
-
-
-def test_unsafe_image_id(small_archive, tmp_path):
-    root = _copy(small_archive, tmp_path)
-    _write_csv(root, "ImageId,ClassId,EncodedPixels\n../../etc/passwd,1,1 3\n")
-    with pytest.raises(ArchiveError, match="line 2: bad ImageId"):
-        Archive.open(str(root))
 
 
 def test_wide_csv_errors(small_archive, tmp_path):
