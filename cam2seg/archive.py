@@ -127,7 +127,7 @@ class Archive:
         ``check_images`` lists ``train_images/`` (one listing call) and fails on CSV rows
         whose image is missing.
         """
-        url = str(url).rstrip("/")
+        url = io.absolute(str(url).rstrip("/"))
         if url.lower().endswith(".csv"):
             root, _, name = url.rpartition("/")
             candidates = [name]

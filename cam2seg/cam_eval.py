@@ -33,7 +33,7 @@ from .classifier import load_fold_models
 from .folds import FOLDS_FILE, load_folds
 from .postprocess import PAPER, PostProcess
 
-__all__ = ["CamStats", "oof_cam_stats", "evaluate_cams", "VARIANTS"]
+__all__ = ["CamStats", "oof_map_stats", "oof_cam_stats", "pair_dice", "evaluate_cams", "VARIANTS"]
 
 # name -> (method, aug_smooth, weights)
 VARIANTS = {
@@ -61,13 +61,15 @@ def _device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: bool, weights: str = "swa",
-                  batch_size: int = 8, device=None, log=None) -> CamStats:
-    """Map every image of ``archive`` with its out-of-fold model; return histograms."""
+def oof_map_stats(archive: Archive, folds: dict[str, int], models: list, card, map_fn, batch_size: int = 8,
+                  device=None, what: str = "maps", log=None) -> CamStats:
+    """Histograms of maps in [0, 1] of every image of ``archive`` by its out-of-fold model.
+
+    ``map_fn(model, x, out_size)`` -> (maps ``float[B, C, H, W]``, scores ``float[B, C]``); ``x``
+    is the batch at ``card.input_size``, normalised with the card's mean and std.
+    """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     dev = _device(device)
-    card, models = load_fold_models(model_url, dev, weights=weights)
-    folds = load_folds(io.join(model_url, FOLDS_FILE))
     missing = [i for i in archive.image_ids if i not in folds]
     if missing:
         raise ArchiveError(f"{len(missing)} image(s) of {archive.root} are not in the model's folds "
@@ -86,18 +88,28 @@ def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: boo
             imgs = data.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
             truth = np.stack([archive.masks(i, shape) for i in ids])
             x = data.to_input(imgs, card.mean, card.std, device=dev)
-            cams, probs = compute_cams(model, x, method, aug_smooth, out_size=shape)
-            h_all, h_in = tuning.cam_histograms(cams, torch.from_numpy(truth).to(dev))
+            maps, scores = map_fn(model, x, shape)
+            h_all, h_in = tuning.cam_histograms(maps, torch.from_numpy(truth).to(dev))
             out.h_all[rows], out.h_in[rows] = h_all, h_in
             out.true_area[rows] = truth.sum(axis=(-2, -1))
-            out.probs[rows] = probs.cpu().numpy()
-        log(f"  {method}{' + aug' if aug_smooth else ''} ({weights}): fold {k} done, "
+            out.probs[rows] = scores.cpu().numpy()
+        log(f"  {what}: fold {k} done, "
             f"{(sum(folds[i] <= k for i in archive.image_ids)) / (time.perf_counter() - t0):.1f} images/s")
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _pair_dice(st: CamStats, pp: PostProcess) -> np.ndarray:
+def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: bool, weights: str = "swa",
+                  batch_size: int = 8, device=None, log=None) -> CamStats:
+    """Map every image of ``archive`` with its out-of-fold classifier; return histograms."""
+    card, models = load_fold_models(model_url, _device(device), weights=weights)
+    folds = load_folds(io.join(model_url, FOLDS_FILE))
+    return oof_map_stats(archive, folds, models, card,
+                         lambda m, x, size: compute_cams(m, x, method, aug_smooth, out_size=size),
+                         batch_size, device, f"{method}{' + aug' if aug_smooth else ''} ({weights})", log)
+
+
+def pair_dice(st: CamStats, pp: PostProcess) -> np.ndarray:
     return metrics.dice_from_counts(*tuning.counts_at(st.h_all, st.h_in, st.true_area, st.probs, pp, st.image_area))
 
 
@@ -118,13 +130,13 @@ def evaluate_cams(model_url: str, truth_url: str, *, write: bool = True, objecti
     final = stats["GradCAM++ + SWA + aug smooth"]
     tuned = tuning.sweep(final.h_all, final.h_in, final.true_area, final.probs, final.image_area,
                          objective=objective)
-    pair = {f"{name} (paper: conf 0.5, thr 0.3, min 0)": _pair_dice(st, PAPER) for name, st in stats.items()}
-    pair["GradCAM++ + SWA + aug smooth, tuned (global)"] = _pair_dice(final, tuned.global_pp)
-    pair["GradCAM++ + SWA + aug smooth, tuned (per class)"] = _pair_dice(final, tuned.per_class_pp)
+    pair = {f"{name} (paper: conf 0.5, thr 0.3, min 0)": pair_dice(st, PAPER) for name, st in stats.items()}
+    pair["GradCAM++ + SWA + aug smooth, tuned (global)"] = pair_dice(final, tuned.global_pp)
+    pair["GradCAM++ + SWA + aug smooth, tuned (per class)"] = pair_dice(final, tuned.per_class_pp)
     for name in GUIDED_VARIANT if guided else ():
         st = stats[name]
         own = tuning.sweep(st.h_all, st.h_in, st.true_area, st.probs, st.image_area, objective=objective)
-        pair[f"{name}, tuned (per class)"] = _pair_dice(st, own.per_class_pp)
+        pair[f"{name}, tuned (per class)"] = pair_dice(st, own.per_class_pp)
     accepted = final.probs >= 0.5
     rows = metrics.dice_with_baselines(pair, final.true_area, final.image_area, accepted)
     n_def = int((final.true_area.sum(axis=1) > 0).sum())

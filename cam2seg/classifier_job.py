@@ -1,17 +1,9 @@
 """Stage 1 on Ray: K fold classifiers trained concurrently, then one model artifact.
 
-Each fold is its own Ray Train run (a ``TorchTrainer`` with its own workers, GPUs and
-``FailureConfig``), driven by a zero-CPU Ray task so the K runs proceed side by side on
-whatever cluster ``ray.init`` finds. Ray 2.60 has no built-in cross-validation; Ray's own
-guide nests ``TorchTrainer`` runs in Tune trials for this. Plain tasks do the same job with
-less machinery: no trial resources to reserve (a Tune trial holds a CPU by default, which on
-a small machine starves the training workers), and no experiment state of a second kind,
-because each fold's Train run already keeps its own checkpoints in storage.
-
-Re-running after a kill continues: a fold whose run finished is staged under
-``<out>/_train/<run key>/done/fold-<k>/`` and skipped; a fold that was interrupted resumes
-from its last epoch's checkpoint (same run name and storage path). A changed config or
-archive gives another run key, hence a fresh start.
+The K folds run side by side as separate Ray Train runs (:mod:`cam2seg.fold_runner`), so a
+killed job resumes each fold from its last epoch. The run key (a hash of the config, image
+ids and labels) names the work folder ``<out>/_train/<run key>/``; a changed config or
+archive starts afresh.
 """
 
 from __future__ import annotations
@@ -19,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
-import os
 import sys
 import time
 
@@ -32,86 +23,30 @@ from .classifier import create_classifier
 from .config import ClassifierConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .folds import make_folds
-from .raycluster import cluster_gpus, ensure_ray
-from .train_classifier import FINAL_FILE, OOF_FILE, SWA_FILE, train_fold_loop
+from .fold_runner import RUNTIME_ONLY, done_url, fold_done, gpus_per_worker, run_folds
+from .raycluster import ensure_ray
+from .train_classifier import OOF_FILE, SWA_FILE, train_fold_loop
+from .training import FINAL_FILE
 
 __all__ = ["train_classifiers", "run_key"]
 
-# Settings that change how a run executes but not what it learns: they stay out of the run key.
-_RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker", "gpus_per_worker"}
 
 
 def run_key(cfg: ClassifierConfig, archive: Archive) -> str:
     """A hash of what determines the trained weights: config, image ids and labels."""
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY), sort_keys=True).encode())
+    h.update(json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_ONLY), sort_keys=True).encode())
     h.update("\n".join(archive.image_ids).encode())
     h.update(archive.labels.tobytes())
     return h.hexdigest()[:12]
-
-
-def _storage(url: str):
-    """(storage_path, storage_filesystem) for Ray Train from an fsspec URL."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = io.filesystem(url)
-    if isinstance(fs, LocalFileSystem):
-        return os.path.abspath(path), None
-    import pyarrow.fs as pafs
-
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def _fold_task(fold: int, loop_config: dict, work: str, cfg: ClassifierConfig, gpus: float) -> dict:
-    """Train one fold with Ray Train and stage its final outputs under ``work/done/fold-<k>``."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    storage_path, storage_fs = _storage(io.join(work, "runs"))
-    trainer = TorchTrainer(
-        train_fold_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers_per_fold, use_gpu=gpus > 0,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})},
-        ),
-        run_config=RunConfig(
-            name=f"fold-{fold}", storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # Ray Train's INFO lines (one per checkpoint) drown the epoch lines.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fold {fold}: training ended without a checkpoint")
-    done = io.join(work, "done", f"fold-{fold}")
-    with result.checkpoint.as_directory() as d:
-        if not os.path.exists(os.path.join(d, FINAL_FILE)):
-            raise RuntimeError(f"fold {fold}: the last checkpoint is not a final one ({result.checkpoint.path})")
-        # The final marker is written last so a half-staged fold counts as not done.
-        names = sorted(os.listdir(d), key=lambda n: n == FINAL_FILE)
-        for name in names:
-            if name in (SWA_FILE, OOF_FILE, FINAL_FILE) or name.startswith("top-"):
-                with open(os.path.join(d, name), "rb") as f:
-                    io.write_bytes(io.join(done, name), f.read())
-    return {"fold": fold, "checkpoint": result.checkpoint.path}
-
-
-def _gpus_per_worker(cfg: ClassifierConfig) -> float:
-    if cfg.gpus_per_worker is not None:
-        return cfg.gpus_per_worker
-    return 1.0 if cluster_gpus() >= 1 else 0.0
 
 
 def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: bool = False,
                       log=None) -> ModelCard:
     """Train ``cfg.folds`` fold classifiers on the archive at ``data_url`` and write the
     artifact to ``out`` (model.json, fold-<k>.safetensors, oof.parquet, folds.csv)."""
-    import ray
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = io.absolute(out)
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
     n, c = archive.labels.shape
@@ -128,16 +63,15 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     folds = make_folds(archive.labels, cfg.folds, cfg.seed)
     work = io.join(out, "_train", key)
     ensure_ray()
-    gpus = _gpus_per_worker(cfg)
+    gpus = gpus_per_worker(cfg.gpus_per_worker)
     urls = [archive.image_url(i) for i in archive.image_ids]
-    task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
-    pending = {}
+    configs = {}
     for k in range(cfg.folds):
-        if io.exists(io.join(work, "done", f"fold-{k}", FINAL_FILE)):
+        if fold_done(work, k):
             log(f"fold {k}: finished in an earlier run, reusing it")
             continue
         tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        loop_config = {
+        configs[k] = {
             "classifier": cfg.model_dump(mode="json"),
             "fold": k,
             "train_urls": [urls[i] for i in tr],
@@ -146,23 +80,11 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
             "val_labels": archive.labels[va].tolist(),
             "val_ids": [archive.image_ids[i] for i in va],
         }
-        pending[task.options(name=f"cam2seg-fold-{k}").remote(k, loop_config, work, cfg, gpus)] = k
-    log(f"training {len(pending)} of {cfg.folds} folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, "
+    log(f"training {len(configs)} of {cfg.folds} folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, "
         f"{cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; "
         f"checkpoints under {work}/runs")
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
-        for ref in ready:
-            k = pending.pop(ref)
-            try:
-                ray.get(ref)
-            except Exception as e:
-                for other in pending:
-                    ray.cancel(other)
-                raise RuntimeError(f"fold {k} failed: {e}") from e
-            log(f"fold {k}: done ({time.perf_counter() - t0:.0f}s since start, {len(pending)} fold(s) still running)")
-        if not ready:
-            log(f"... {len(pending)} fold(s) still training ({time.perf_counter() - t0:.0f}s)")
+    run_folds(train_fold_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,
+              max_failures=cfg.max_failures, staged=(SWA_FILE, OOF_FILE), log=log, t0=t0)
 
     card = _assemble(out, work, archive, folds, cfg, key, log)
     if not cfg.keep_checkpoints:
@@ -182,7 +104,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
     probs = np.full((n, c), np.nan, dtype=np.float32)
     states, fold_info, best_epoch = [], [], {}
     for k in range(cfg.folds):
-        done = io.join(work, "done", f"fold-{k}")
+        done = done_url(work, k)
         states.append(state.load_tensors(io.join(done, SWA_FILE)))
         # The single best epoch, kept for the "without SWA" rows of the CAM ablation.
         best_epoch[f"fold-{k}.best-epoch.safetensors"] = io.read_bytes(io.join(done, "top-0.safetensors"))

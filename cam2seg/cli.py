@@ -98,14 +98,34 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_train_segmenter(args) -> int:
+    from .config import load_config
+    from .segmenter_job import train_segmenter
+
+    over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "architecture", "batch_size", "seed",
+                                          "ignore_band")}
+    cfg = load_config(args.config, {"segmenter": over}).segmenter
+    card = train_segmenter(args.data, args.masks, args.out, cfg, force=args.force)
+    print(f"segmenter {args.out}: {card.head['architecture']} with {card.architecture}, {card.folds} folds, "
+          f"trained on {card.training['masks']}, version {card.version}, "
+          f"mean validation loss {card.metrics['val_loss_mean']:.4f}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .cam_eval import evaluate_cams
+    from .seg_eval import evaluate_segmenters
 
+    if not (args.model or args.store or args.segmenter):
+        raise ValueError("give --model (CAM masks, Table 2), --store and/or --segmenter (Table 3)")
+    if args.model:
+        _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=args.objective,
+                                 batch_size=args.batch_size, guided=not args.no_guided)
+        print(table)
     if args.store or args.segmenter:
-        raise ValueError("--store and --segmenter are not implemented yet: evaluate scores the model's CAM masks")
-    _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=args.objective,
-                             batch_size=args.batch_size, guided=not args.no_guided)
-    print(table)
+        _, table = evaluate_segmenters(args.truth, args.segmenter or [], args.store, objective=args.objective,
+                                       write=not args.no_write, batch_size=args.batch_size)
+        print(table)
     return 0
 
 
@@ -159,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_train_classifiers)
 
-    p = sub.add_parser("label", help="stage 2: CAM pseudo-masks for every image under a prefix, on Ray Data")
-    p.add_argument("--model", required=True, metavar="MODEL", help="classifier artifact")
+    p = sub.add_parser("label", help="stage 2: pseudo-masks for every image under a prefix, on Ray Data")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="classifier artifact (CAM masks) or segmenter artifact (its masks)")
     p.add_argument("--images", required=True, metavar="PREFIX", help="folder or s3:// prefix of image files")
     p.add_argument("--out", required=True, metavar="STORE", help="label store (folder or s3:// prefix)")
     p.add_argument("--incremental", action="store_true",
@@ -172,11 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("evaluate", help="score CAM pseudo-masks out of fold (paper's Table 2), tune thresholds")
-    p.add_argument("--model", required=True, metavar="MODEL", help="classifier artifact")
-    p.add_argument("--truth", required=True, metavar="ARCHIVE", help="the archive it was trained on, with masks")
-    p.add_argument("--store", help=argparse.SUPPRESS)
-    p.add_argument("--segmenter", help=argparse.SUPPRESS)
+    p = sub.add_parser("train-segmenter", help="stage 3: K fold U-Nets on pseudo-masks (or true masks), Ray Train")
+    p.add_argument("--data", required=True, metavar="ARCHIVE", help="archive folder or CSV (image-level labels)")
+    p.add_argument("--masks", required=True, metavar="STORE|truth",
+                   help="a label store of pseudo-masks, or 'truth' for the archive's true masks (the upper bound)")
+    p.add_argument("--out", required=True, metavar="SEG", help="artifact folder to write (any fsspec URL)")
+    p.add_argument("--folds", type=int, help="K (default: the classifier's folds, else 5)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 30)")
+    p.add_argument("--size", help="input HEIGHTxWIDTH (default: the images' size)")
+    p.add_argument("--encoder", help="smp encoder name, tu-<timm name> for timm (default efficientnet-b0)")
+    p.add_argument("--architecture", help="smp architecture (default Unet)")
+    p.add_argument("--batch-size", type=int, help="default 16")
+    p.add_argument("--ignore-band", type=int, help="pixels either side of a pseudo-mask's edge left out of the loss")
+    p.add_argument("--seed", type=int, help="fold split and initialisation seed (default 0)")
+    p.add_argument("--force", action="store_true", help="retrain even if SEG already holds this segmenter")
+    _add_config(p)
+    p.set_defaults(func=cmd_train_segmenter)
+
+    p = sub.add_parser("evaluate", help="score pseudo-masks and segmenters out of fold (paper's Tables 2 and 3)")
+    p.add_argument("--truth", required=True, metavar="ARCHIVE", help="the archive the models were trained on, with masks")
+    p.add_argument("--model", metavar="MODEL", help="classifier artifact: its CAM masks (Table 2), tunes its thresholds")
+    p.add_argument("--store", metavar="STORE", help="label store: score its pseudo-masks as stored (Table 3)")
+    p.add_argument("--segmenter", metavar="SEG", action="append",
+                   help="segmenter artifact (repeatable): out-of-fold Dice, paper heuristics and tuned (Table 3)")
     p.add_argument("--objective", choices=["kaggle", "positive"], default="kaggle",
                    help="what tuning maximises: Kaggle mean Dice (default) or positive-pair Dice")
     p.add_argument("--no-write", action="store_true", help="print only; leave the model card as it is")

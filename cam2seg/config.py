@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import io
 
-__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "Config", "load_config", "parse_size"]
+__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig", "Config", "load_config", "parse_size"]
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,44 @@ class LabelConfig(_Section):
         return v
 
 
+class SegmenterConfig(_Section):
+    """``cam2seg train-segmenter``: stage 3, a U-Net on pseudo-masks (or true masks)."""
+
+    architecture: str = Field("Unet", description="segmentation-models-pytorch architecture (Unet, UnetPlusPlus, FPN, ...)")
+    encoder: str = Field("efficientnet-b0", description="smp encoder name (tu-<timm name> for any timm model)")
+    encoder_weights: str | None = Field(None, description="None (random init) or a safetensors URL of encoder weights")
+    folds: int | None = Field(None, ge=2, description="None: the classifier's folds when the masks name one, else 5")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    size: tuple[int, int] | None = Field(None, description="input height, width; None: the archive's image size")
+    augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip", "vflip"])
+    bce_weight: float = Field(1.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    # Pseudo-mask refinements (apply to --masks STORE; true masks are used as they are)
+    absent_zero: bool = Field(True, description="classes the image-level label says are absent train as empty")
+    present_empty: Literal["ignore", "empty"] = Field(
+        "ignore", description="a labelled class with an empty pseudo-mask: ignore its pixels, or train it as empty")
+    ignore_band: int = Field(0, ge=0, description="pixels on either side of a pseudo-mask's edge left out of the "
+                             "loss (at the training size; 0: none)")
+    swa_epochs: int = Field(1, ge=1, description="average the weights of this many best epochs (by validation loss)")
+    seed: int = 0
+    workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
+    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPU")
+    max_failures: int = Field(3, ge=0, description="worker failures a fold survives (resuming from its last epoch)")
+    load_threads: int = Field(8, ge=1)
+    keep_checkpoints: bool = Field(False, description="keep the per-epoch Ray Train checkpoints after success")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _parse_size(cls, v):
+        return parse_size(v) if isinstance(v, str) else v
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256x1600' -> (256, 1600) (height x width)."""
     try:
@@ -116,6 +154,7 @@ class Config(_Section):
     synth: SynthConfig = SynthConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -47,6 +47,12 @@ def filesystem(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, 
     return fs, path
 
 
+def absolute(url: str) -> str:
+    """A plain local path made absolute (Ray workers run in other directories); URLs unchanged."""
+    url = str(url)
+    return url if "://" in url else os.path.abspath(url)
+
+
 def join(url: str, *keys: str) -> str:
     """Join checked relative keys onto a URL with '/' (keys must pass :func:`check_key`)."""
     url = str(url).rstrip("/")

@@ -4,7 +4,8 @@ One chain, as in Ray's batch-inference examples::
 
     image keys (driver: the key list only)
       -> read_batch        CPU tasks: download, decode, grey, resize; bad files become error rows
-      -> Labeler           actor pool (GPU if present): fold ensemble, fast CAM engine, the card's
+      -> Labeler           actor pool (GPU if present): fold ensemble, fast CAM engine (or, for a
+                           segmenter artifact, its probability maps), the card's
                            post-processing, Kaggle RLE (on the actor's CPU: full-size masks cost more
                            to ship between stages than their RLE strings)
       -> write_batch       CPU tasks: one Parquet part per ``images_per_file`` images
@@ -31,8 +32,9 @@ from . import data, io, rle, store
 from .cam import compute_cams
 from .config import LabelConfig, parse_size
 from .postprocess import PostProcess, apply
+from .segmenter import predict_maps
 
-__all__ = ["read_image", "label_images", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
+__all__ = ["read_image", "label_images", "load_label_models", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
 
 
 def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) -> tuple[np.ndarray, tuple, str]:
@@ -55,14 +57,19 @@ def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) 
 
 def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, method: str = "gradcam++",
                  aug_smooth: bool = True, device="cpu") -> dict[str, list]:
-    """CAM pseudo-masks of a batch as store columns (one row per image and class).
+    """Masks of a batch as store columns (one row per image and class): CAM pseudo-masks of a
+    classifier ensemble (``method``, ``aug_smooth``), or a segmenter ensemble's masks (its mean
+    probability maps; score = a map's maximum) when ``card.kind`` is "segmenter".
 
     ``images`` ``uint8[B, h, w]`` at ``card.input_size``; ``shapes`` the originals' (H, W).
     Returns columns image-major, class-minor: class_id, encoded_pixels, score, area, height,
     width (image ids are added by the caller).
     """
     x = data.to_input(images, card.mean, card.std, device=device)
-    cams, probs = compute_cams(models, x, method, aug_smooth)
+    if card.kind == "segmenter":
+        cams, probs = predict_maps(models, x)
+    else:
+        cams, probs = compute_cams(models, x, method, aug_smooth)
     probs_np = probs.cpu().numpy()
     c = probs_np.shape[1]
     cols = {"class_id": [], "encoded_pixels": [], "score": [], "area": [], "height": [], "width": []}
@@ -78,6 +85,15 @@ def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, meth
         cols["height"] += [h] * c
         cols["width"] += [w] * c
     return cols
+
+
+def load_label_models(model_url: str, device="cpu") -> tuple:
+    """(card, fold models) of a classifier or segmenter artifact, whichever ``model_url`` holds."""
+    from .artifact import load_card
+    from .classifier import load_fold_models
+    from .segmenter import load_segmenters
+
+    return (load_segmenters if load_card(model_url).kind == "segmenter" else load_fold_models)(model_url, device)
 
 
 def _expected_size(cfg: LabelConfig, card) -> tuple[int, int] | None:
@@ -109,11 +125,9 @@ class Labeler:
     split an image's classes across parts (bad images pass through with their error)."""
 
     def __init__(self, model_url: str, method: str, aug_smooth: bool, batch_size: int, threads: int = 1):
-        from .classifier import load_fold_models
-
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.card, self.models = load_fold_models(model_url, self.device)
+        self.card, self.models = load_label_models(model_url, self.device)
         self.pp = PostProcess(**self.card.postprocess)
         self.method, self.aug_smooth, self.batch_size = method, aug_smooth, batch_size
 
@@ -201,6 +215,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     from .raycluster import cluster_gpus, ensure_ray
 
     cfg = cfg or LabelConfig()
+    model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     card = load_card(model_url)  # a missing or broken model fails here, before anything else
     keys = io.list_images(images)
@@ -215,8 +230,8 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
         done = store.labeled_ids(store_url, card.version) if incremental and not relabel else set()
         todo = [k for k in keys if k not in done]
         log(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by model {card.version}; "
-            f"labeling {len(todo)} into {store_url} (run {run_id})")
-        marker = {"model": model_url, "model_version": card.version, "images": images, "listed": len(keys),
+            f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
+        marker = {"model": model_url, "model_kind": card.kind, "model_version": card.version, "images": images, "listed": len(keys),
                   "to_do": len(todo), "start": store.now(), "complete": False, "incremental": incremental,
                   "config": cfg.model_dump(mode="json"), "parts": {"masks": [], "errors": []},
                   "labeled": 0, "errors": 0}

@@ -14,7 +14,6 @@ process, which is how it runs without a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -24,16 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, metrics, state, swa
+from . import data, metrics, state, swa, training
 from .classifier import create_classifier
 from .config import ClassifierConfig
+from .training import FINAL_FILE
 
 __all__ = ["train_fold_loop", "make_optimizer", "make_scheduler", "predict", "FINAL_FILE", "SWA_FILE", "OOF_FILE"]
 
-FINAL_FILE = "final.json"
 SWA_FILE = "swa.safetensors"
 OOF_FILE = "oof.json"
-_STATE_FILE = "state.json"
 
 
 def make_optimizer(core, cfg: ClassifierConfig) -> torch.optim.Optimizer:
@@ -52,20 +50,13 @@ def make_scheduler(opt, cfg: ClassifierConfig):
     )
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @torch.no_grad()
 def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``float32[N, C]`` of an eval-mode model over ``uint8[N, H, W]`` images."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        with _autocast(device, amp):
+        with training.autocast(device, amp):
             out.append(model(data.to_input(images[i : i + batch_size], device=device)).float().cpu())
     logits = torch.cat(out) if out else torch.zeros(0)
     return logits.numpy(), torch.sigmoid(logits).numpy()
@@ -74,39 +65,6 @@ def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tu
 def _val_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32)))
     return float(loss), metrics.roc_auc(labels, 1 / (1 + np.exp(-logits)))
-
-
-def _save_checkpoint(d: str, core, opt, sched, keeper: swa.TopK, history: list, epoch: int, final=None) -> None:
-    state.save_tensors(os.path.join(d, "model.safetensors"), core.state_dict())
-    opt_tensors, opt_meta = state.optimizer_to_flat(opt)
-    state.save_tensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
-    for i, (_, _, snap) in enumerate(keeper.entries):
-        state.save_tensors(os.path.join(d, f"top-{i}.safetensors"), snap)
-    meta = {
-        "epoch": epoch,
-        "pid": os.getpid(),  # which worker process wrote it (operators and fault tests use it)
-        "history": history,
-        "optimizer": opt_meta,
-        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "_last_lr"},
-        "top": [(loss, ep) for loss, ep, _ in keeper.entries],
-    }
-    with open(os.path.join(d, _STATE_FILE), "w") as f:
-        json.dump(meta, f)
-    if final is not None:
-        with open(os.path.join(d, FINAL_FILE), "w") as f:
-            json.dump(final, f)
-
-
-def _restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
-    with open(os.path.join(d, _STATE_FILE)) as f:
-        meta = json.load(f)
-    core.load_state_dict(state.load_tensors(os.path.join(d, "model.safetensors")))
-    state.optimizer_from_flat(opt, state.load_tensors(os.path.join(d, "optimizer.safetensors")), meta["optimizer"])
-    sched.load_state_dict(meta["scheduler"])
-    keeper.entries = [
-        (loss, ep, state.load_tensors(os.path.join(d, f"top-{i}.safetensors"))) for i, (loss, ep) in enumerate(meta["top"])
-    ]
-    return meta["epoch"] + 1, meta["history"]
 
 
 def train_fold_loop(config: dict) -> None:
@@ -142,7 +100,7 @@ def train_fold_loop(config: dict) -> None:
             if os.path.exists(os.path.join(d, FINAL_FILE)):
                 say("already finished (final checkpoint found)")
                 return
-            start, history = _restore(d, core, opt, sched, keeper)
+            start, history = training.restore(d, core, opt, sched, keeper)
         say(f"resuming at epoch {start + 1}/{cfg.epochs} from a checkpoint")
         history.append({"event": "resumed", "epoch": start})
 
@@ -166,7 +124,7 @@ def train_fold_loop(config: dict) -> None:
             x = data.to_input(imgs, device=device)
             y = torch.from_numpy(y_train[idx]).to(device)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
+            with training.autocast(device, amp):
                 loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
             if scaler is not None and scaler.is_enabled():
                 scaler.scale(loss).backward()
@@ -194,7 +152,7 @@ def train_fold_loop(config: dict) -> None:
         metrics_out = {"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(d, core, opt, sched, keeper, history, epoch)
+                training.save_checkpoint(d, core, opt, sched, keeper, history, epoch)
                 ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics_out)
@@ -205,7 +163,7 @@ def train_fold_loop(config: dict) -> None:
     logits, probs = predict(core, x_val, cfg.batch_size, device, amp)
     variants = {"averaged_bn": _val_stats(logits, y_val)}
     averaged = {k: v.clone() for k, v in core.state_dict().items()}
-    _update_bn(core, x_train, cfg.batch_size, device)
+    training.update_bn(core, x_train, cfg.batch_size, device)
     logits_bn, probs_bn = predict(core, x_val, cfg.batch_size, device, amp)
     variants["recomputed_bn"] = _val_stats(logits_bn, y_val)
     if cfg.swa_update_bn:
@@ -225,25 +183,7 @@ def train_fold_loop(config: dict) -> None:
             state.save_tensors(os.path.join(d, SWA_FILE), core.state_dict())
             with open(os.path.join(d, OOF_FILE), "w") as f:
                 json.dump({"image_ids": config["val_ids"], "probs": probs.tolist()}, f)
-            _save_checkpoint(d, core, opt, sched, keeper, history, cfg.epochs - 1, final=final)
+            training.save_checkpoint(d, core, opt, sched, keeper, history, cfg.epochs - 1, final=final)
             ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics_out)
-
-
-@torch.no_grad()
-def _update_bn(model, images: np.ndarray, batch_size: int, device) -> None:
-    """Recompute BatchNorm running statistics of averaged weights over the training images."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = {}
-    for bn in bns:
-        bn.reset_running_stats()
-        momenta[bn] = bn.momentum
-        bn.momentum = None  # cumulative average over all batches
-    model.train()
-    for i in range(0, len(images), batch_size):
-        model(data.to_input(images[i : i + batch_size], device=device))
-    for bn in bns:
-        bn.momentum = momenta[bn]

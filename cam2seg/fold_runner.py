@@ -1,0 +1,122 @@
+"""K fold trainings side by side on Ray: each fold is its own Ray Train run.
+
+Each fold is a ``TorchTrainer`` with its own workers, GPUs and ``FailureConfig``, driven by a
+zero-CPU Ray task so the K runs proceed side by side on whatever cluster ``ray.init`` finds.
+Ray 2.60 has no built-in cross-validation; Ray's own guide nests ``TorchTrainer`` runs in Tune
+trials for this. Plain tasks do the same job with less machinery: no trial resources to
+reserve (a Tune trial holds a CPU by default, which on a small machine starves the training
+workers), and no experiment state of a second kind, because each fold's Train run already
+keeps its own checkpoints in storage.
+
+Re-running after a kill continues: a fold whose run finished is staged under
+``<work>/done/fold-<k>/`` and skipped; a fold that was interrupted resumes from its last
+epoch's checkpoint (same run name and storage path under ``<work>/runs``). Callers put a hash
+of what determines the weights into ``work``, so a changed config starts afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from . import io
+from .raycluster import cluster_gpus
+from .training import FINAL_FILE
+
+__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "gpus_per_worker"]
+
+# Settings that change how a run executes but not what it learns: they stay out of run keys.
+RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
+                "gpus_per_worker"}
+
+
+def _storage(url: str):
+    """(storage_path, storage_filesystem) for Ray Train from an fsspec URL."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = io.filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def gpus_per_worker(explicit: float | None) -> float:
+    """The configured GPUs per worker, or 1 when the cluster has GPUs and 0 otherwise."""
+    if explicit is not None:
+        return explicit
+    return 1.0 if cluster_gpus() >= 1 else 0.0
+
+
+def done_url(work: str, fold: int) -> str:
+    return io.join(work, "done", f"fold-{fold}")
+
+
+def fold_done(work: str, fold: int) -> bool:
+    return io.exists(io.join(done_url(work, fold), FINAL_FILE))
+
+
+def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers: int, cpus: float, gpus: float,
+               max_failures: int, staged: tuple[str, ...]) -> dict:
+    """Train one fold with Ray Train; copy the final checkpoint's files named in ``staged``
+    (or starting with ``top-``) to ``done_url(work, fold)``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = _storage(io.join(work, "runs"))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})},
+        ),
+        run_config=RunConfig(
+            name=f"fold-{fold}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (one per checkpoint) drown the epoch lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fold {fold}: training ended without a checkpoint")
+    done = done_url(work, fold)
+    with result.checkpoint.as_directory() as d:
+        if not os.path.exists(os.path.join(d, FINAL_FILE)):
+            raise RuntimeError(f"fold {fold}: the last checkpoint is not a final one ({result.checkpoint.path})")
+        # The final marker is written last so a half-staged fold counts as not done.
+        for name in sorted(os.listdir(d), key=lambda n: n == FINAL_FILE):
+            if name in staged or name == FINAL_FILE or name.startswith("top-"):
+                with open(os.path.join(d, name), "rb") as f:
+                    io.write_bytes(io.join(done, name), f.read())
+    return {"fold": fold, "checkpoint": result.checkpoint.path}
+
+
+def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: int, cpus: float, gpus: float,
+              max_failures: int, staged: tuple[str, ...], log, t0: float | None = None) -> None:
+    """Run ``loop`` (a ``train_loop_per_worker``) once per fold in ``configs`` (fold -> loop
+    config), concurrently; a failing fold cancels the others and raises."""
+    import ray
+
+    t0 = time.perf_counter() if t0 is None else t0
+    task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
+    pending = {task.options(name=f"cam2seg-fold-{k}").remote(k, loop, cfg, work, workers, cpus, gpus, max_failures,
+                                                              staged): k
+               for k, cfg in configs.items()}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
+        for ref in ready:
+            k = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as e:
+                for other in pending:
+                    ray.cancel(other)
+                raise RuntimeError(f"fold {k} failed: {e}") from e
+            log(f"fold {k}: done ({time.perf_counter() - t0:.0f}s since start, {len(pending)} fold(s) still running)")
+        if not ready:
+            log(f"... {len(pending)} fold(s) still training ({time.perf_counter() - t0:.0f}s)")

@@ -1,0 +1,105 @@
+"""Stage 3's model: a segmentation-models-pytorch network (U-Net by default) with four sigmoid
+channels, and the BCE + Dice loss it trains with.
+
+smp networks need both input sides divisible by 32; :class:`Segmenter` pads the input by
+reflection and crops the logits back, so any image size works and masks keep the size the
+image had. Weights start random unless a local or s3 safetensors file of encoder weights is
+given (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["IGNORE", "Segmenter", "create_segmenter", "load_segmenters", "predict_maps", "segmentation_loss"]
+
+IGNORE = -1  # target value of pixels left out of the loss
+
+
+class Segmenter(nn.Module):
+    """``float[B, 3, H, W]`` normalised -> logits ``float[B, C, H, W]`` (any H, W)."""
+
+    def __init__(self, architecture: str = "Unet", encoder: str = "efficientnet-b0", num_classes: int = 4):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        try:
+            self.net = smp.create_model(architecture, encoder_name=encoder, encoder_weights=None, in_channels=3,
+                                        classes=num_classes)
+        except KeyError as e:
+            raise ValueError(f"segmentation-models-pytorch has no {e.args[0]!r} (architecture {architecture!r}, "
+                             f"encoder {encoder!r})") from None
+        self.num_classes = num_classes
+        self.divisor = int(getattr(self.net.encoder, "output_stride", 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.divisor, (-w) % self.divisor
+        if ph or pw:
+            # reflection keeps the padded border looking like steel rather than a black edge
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        return self.net(x)[..., :h, :w]
+
+
+def create_segmenter(architecture: str = "Unet", encoder: str = "efficientnet-b0", num_classes: int = 4,
+                     encoder_weights: str | None = None) -> Segmenter:
+    """Build a segmenter; ``encoder_weights``: None or a safetensors URL for the encoder."""
+    from .classifier import load_encoder_weights
+
+    model = Segmenter(architecture, encoder, num_classes)
+    if encoder_weights:
+        load_encoder_weights(model.net.encoder, encoder_weights)
+    return model
+
+
+def load_segmenters(url: str, device="cpu") -> tuple["ModelCard", list[Segmenter]]:  # noqa: F821
+    """The card and the K fold segmenters of an artifact, in eval mode on ``device``."""
+    from .artifact import ArtifactError, load_artifact
+
+    card, states = load_artifact(url, kind="segmenter")
+    models = []
+    for k, sd in enumerate(states):
+        model = Segmenter(card.head.get("architecture", "Unet"), card.architecture, card.num_classes)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ArtifactError(f"{url}: fold {k} weights do not fit {card.architecture}: {str(e)[:300]}") from None
+        models.append(model.to(device).eval())
+    return card, models
+
+
+@torch.no_grad()
+def predict_maps(models, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean sigmoid of one model or a fold ensemble over ``x float[B, 3, h, w]``.
+
+    Returns (maps ``float[B, C, H, W]`` in [0, 1] at ``out_size`` (default h, w), scores
+    ``float[B, C]`` = each map's maximum at the model's size, used as the class score).
+    """
+    models = models if isinstance(models, (list, tuple)) else [models]
+    probs = torch.stack([torch.sigmoid(m(x).float()) for m in models]).mean(0)
+    scores = probs.amax(dim=(-2, -1))
+    if out_size is not None and tuple(probs.shape[-2:]) != tuple(out_size):
+        probs = F.interpolate(probs, size=tuple(out_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    return probs, scores
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,
+                      dice_weight: float = 1.0) -> torch.Tensor:
+    """BCE + soft Dice of ``logits float[B, C, H, W]`` against ``target`` of the same shape
+    with values 0, 1 or :data:`IGNORE` (those pixels count in neither term).
+
+    smp's losses do the work: Dice per class over the batch (classes with no positive pixel in
+    the batch add nothing to it), BCE averaged over all pixels with ignored ones zeroed.
+    """
+    from segmentation_models_pytorch.losses import DiceLoss, SoftBCEWithLogitsLoss
+
+    target = target.to(logits.dtype)
+    loss = logits.new_zeros(())
+    if bce_weight:
+        loss = loss + bce_weight * SoftBCEWithLogitsLoss(ignore_index=IGNORE)(logits, target)
+    if dice_weight:
+        loss = loss + dice_weight * DiceLoss("multilabel", from_logits=True, ignore_index=IGNORE)(logits, target)
+    return loss

@@ -1,0 +1,178 @@
+"""Stage 3 on Ray: K fold segmenters trained side by side on true masks or pseudo-masks.
+
+``masks="truth"`` trains on the archive's true masks (the upper bound); a label store URL
+trains on its committed pseudo-masks (newest run per image and class), refined with the
+archive's image-level labels (:mod:`cam2seg.pseudo`). The folds are the classifier's when the
+store names a classifier artifact covering the archive, so each image's out-of-fold
+prediction comes from a segmenter that never saw it and whose pseudo-masks came from the same
+split; otherwise :func:`cam2seg.folds.make_folds` with ``folds`` (default 5). Folds run as
+separate Ray Train runs (:mod:`cam2seg.fold_runner`): a killed job resumes each fold from its
+last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, io, state, store
+from .archive import Archive, ArchiveError
+from .artifact import ArtifactError, ModelCard, load_card, write_artifact
+from .config import SegmenterConfig
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .fold_runner import RUNTIME_ONLY, done_url, fold_done, gpus_per_worker, run_folds
+from .folds import FOLDS_FILE, folds_csv, load_folds, make_folds
+from .raycluster import ensure_ray
+from .segmenter import create_segmenter
+from .train_segmenter import SWA_FILE, train_segmenter_loop
+from .training import FINAL_FILE
+
+__all__ = ["train_segmenter", "mask_targets", "PAPER_SEGMENTER_POSTPROCESS"]
+
+# The paper's inference heuristics for its U-Net: threshold 0.2, no minimum area, no gate.
+PAPER_SEGMENTER_POSTPROCESS = {"confidence": 0.0, "threshold": 0.2, "min_seg_len": 0, "tuned": False}
+
+def mask_targets(archive: Archive, masks: str, log) -> tuple[list[str], list[list[str]], list[tuple[int, int]], dict]:
+    """(image ids, RLE ``[N][C]``, original shapes, source description) of the images to train on."""
+    if masks == "truth":
+        if not archive.has_masks:
+            raise ArchiveError(f"{archive.source} has no masks: --masks truth needs an archive with true masks")
+        shape = archive.image_shape(archive.image_ids[0])
+        ids = list(archive.image_ids)
+        rles = [[archive.rle(i, c) for c in archive.class_ids] for i in ids]
+        return ids, rles, [shape] * len(ids), {"masks": "truth"}
+    runs = store.committed_runs(masks)
+    if not runs:
+        raise store.StoreError(f"no committed labeling run in {masks} (label the archive first, or pass --masks truth)")
+    table = store.read_masks(masks, columns=["image_id", "class_id", "encoded_pixels", "height", "width",
+                                             "model_version"]).to_pydict()
+    class_pos = {c: k for k, c in enumerate(archive.class_ids)}
+    found: dict[str, list] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for iid, cid, enc, h, w in zip(table["image_id"], table["class_id"], table["encoded_pixels"], table["height"],
+                                   table["width"]):
+        if cid not in class_pos:
+            raise store.StoreError(f"{masks}: class {cid} is not one of the archive's classes {archive.class_ids}")
+        found.setdefault(iid, [""] * len(class_pos))[class_pos[cid]] = enc or ""
+        shapes[iid] = (int(h), int(w))
+    ids = [i for i in archive.image_ids if i in found]
+    missing = len(archive) - len(ids)
+    if not ids:
+        raise store.StoreError(f"{masks} holds no pseudo-mask of any image of {archive.source} (was it labeled "
+                               f"with the same image ids, i.e. --images {archive.images_url}?)")
+    if missing:
+        log(f"warning: {missing} of {len(archive)} archive images have no pseudo-mask in {masks}; "
+            f"training on the other {len(ids)}")
+    versions = sorted(set(table["model_version"]))
+    source = {"masks": masks, "store_runs": [m["run_id"] for m in runs], "label_model": runs[-1].get("model"),
+              "label_model_versions": versions}
+    return ids, [found[i] for i in ids], [shapes[i] for i in ids], source
+
+
+def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict, log) -> np.ndarray:
+    model = source.get("label_model")
+    if cfg.folds is None and model:
+        try:
+            known = load_folds(io.join(model, FOLDS_FILE))
+        except (FileNotFoundError, ValueError, OSError):
+            known = {}
+        if known and all(i in known for i in ids):
+            log(f"using the folds of {model} (the classifier that made the pseudo-masks)")
+            return np.array([known[i] for i in ids], np.int64)
+        log(f"warning: the folds of {model} do not cover the archive; making new ones")
+    labels = archive.labels[[archive.index(i) for i in ids]]
+    return make_folds(labels, cfg.folds or 5, cfg.seed)
+
+
+def _run_key(cfg: SegmenterConfig, ids, rles, labels, folds) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_ONLY), sort_keys=True).encode())
+    h.update("\n".join(ids).encode())
+    h.update("\n".join("|".join(r) for r in rles).encode())
+    h.update(labels.tobytes())
+    h.update(np.asarray(folds, np.int64).tobytes())
+    return h.hexdigest()[:12]
+
+
+def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False,
+                    log=None) -> ModelCard:
+    """Train K fold segmenters on the archive at ``data_url`` with ``masks`` ("truth" or a
+    label store URL) and write the artifact to ``out`` (model.json, fold-<k>.safetensors,
+    folds.csv). Returns its card."""
+    cfg = cfg or SegmenterConfig()
+    out = io.absolute(out)
+    masks = masks if masks == "truth" else io.absolute(masks)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    archive = Archive.open(data_url)
+    c = archive.num_classes
+    create_segmenter(cfg.architecture, cfg.encoder, c)  # an unknown architecture or encoder fails here, once
+    ids, rles, shapes, source = mask_targets(archive, masks, log)
+    labels = archive.labels[[archive.index(i) for i in ids]]
+    folds = _folds(archive, ids, cfg, source, log)
+    k_folds = int(folds.max()) + 1
+    if min(np.bincount(folds, minlength=k_folds)) < 1 or len(ids) < 2 * k_folds:
+        raise ValueError(f"{len(ids)} images are too few for {k_folds} folds")
+    size = tuple(cfg.size or shapes[0])
+    refine = masks != "truth"
+    key = _run_key(cfg, ids, rles, labels, folds)
+    if not force and io.exists(io.join(out, "model.json")):
+        try:
+            card = load_card(out)
+        except ArtifactError:
+            card = None
+        if card is not None and card.training.get("run_key") == key:
+            log(f"{out} already holds this segmenter (run {key}, version {card.version}); use --force to retrain")
+            return card
+    work = io.join(out, "_train", key)
+    ensure_ray()
+    gpus = gpus_per_worker(cfg.gpus_per_worker)
+    urls = [archive.image_url(i) for i in ids]
+    configs = {}
+    for k in range(k_folds):
+        if fold_done(work, k):
+            log(f"fold {k}: finished in an earlier run, reusing it")
+            continue
+        tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        configs[k] = {
+            "segmenter": cfg.model_dump(mode="json"), "fold": k, "size": list(size), "num_classes": c,
+            "train_urls": [urls[i] for i in tr], "val_urls": [urls[i] for i in va],
+            "train_rles": [rles[i] for i in tr], "val_rles": [rles[i] for i in va],
+            "train_shapes": [shapes[i] for i in tr], "val_shapes": [shapes[i] for i in va],
+            "train_labels": labels[tr].tolist() if refine else None,
+            "val_labels": labels[va].tolist() if refine else None,
+        }
+    what = "true masks" if not refine else f"pseudo-masks of {masks}"
+    log(f"training {len(configs)} of {k_folds} fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what}: "
+        f"{len(ids)} images at {size[0]}x{size[1]}, {cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, "
+        f"{gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
+    run_folds(train_segmenter_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker,
+              gpus=gpus, max_failures=cfg.max_failures, staged=(SWA_FILE,), log=log, t0=t0)
+
+    states, fold_info = [], []
+    for k in range(k_folds):
+        done = done_url(work, k)
+        states.append(state.load_tensors(io.join(done, SWA_FILE)))
+        final = state.read_json(io.join(done, FINAL_FILE))
+        fold_info.append({key_: final[key_] for key_ in ("fold", "workers", "swa_epochs", "val_loss", "history",
+                                                         "ignored_fraction")})
+    card = ModelCard(
+        kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
+        grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, head={"architecture": cfg.architecture},
+        folds=k_folds, fold_files=[], postprocess=dict(PAPER_SEGMENTER_POSTPROCESS),
+        metrics={"folds": fold_info, "val_loss_mean": float(np.mean([f["val_loss"] for f in fold_info]))},
+        training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__,
+                  "refinements": {"absent_zero": cfg.absent_zero, "present_empty": cfg.present_empty,
+                                  "ignore_band": cfg.ignore_band} if refine else None, **source},
+        data={"archive": archive.root, "source": archive.source, "images": len(ids), "image_size": list(shapes[0])},
+    )
+    card = write_artifact(out, card, states, extra={FOLDS_FILE: folds_csv(ids, folds)})
+    if not cfg.keep_checkpoints:
+        fs, path = io.filesystem(io.join(out, "_train"))
+        fs.rm(path, recursive=True)
+    log(f"wrote {out} (segmenter, version {card.version}) in {time.perf_counter() - t0:.0f}s")
+    return card

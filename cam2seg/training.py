@@ -1,0 +1,84 @@
+"""What every fold training loop shares: mixed precision, checkpoints, BatchNorm refresh.
+
+A checkpoint is a folder of safetensors files (model, optimizer tensors, the top-k weight
+snapshots) and one JSON file (epoch, history, optimizer and scheduler scalars), so resuming
+never unpickles anything. The final checkpoint of a fold also holds ``final.json``; a worker
+restarted from it has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from . import data, state, swa
+
+__all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn"]
+
+FINAL_FILE = "final.json"
+_STATE_FILE = "state.json"
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 (or fp16 where bf16 is missing) autocast on CUDA; nothing elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def save_checkpoint(d: str, core, opt, sched, keeper: swa.TopK, history: list, epoch: int, final=None) -> None:
+    """Write the training state after ``epoch`` into the folder ``d`` (``final``: the fold's summary)."""
+    state.save_tensors(os.path.join(d, "model.safetensors"), core.state_dict())
+    opt_tensors, opt_meta = state.optimizer_to_flat(opt)
+    state.save_tensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
+    for i, (_, _, snap) in enumerate(keeper.entries):
+        state.save_tensors(os.path.join(d, f"top-{i}.safetensors"), snap)
+    meta = {
+        "epoch": epoch,
+        "pid": os.getpid(),  # which worker process wrote it (operators and fault tests use it)
+        "history": history,
+        "optimizer": opt_meta,
+        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "_last_lr"},
+        "top": [(loss, ep) for loss, ep, _ in keeper.entries],
+    }
+    with open(os.path.join(d, _STATE_FILE), "w") as f:
+        json.dump(meta, f)
+    if final is not None:
+        with open(os.path.join(d, FINAL_FILE), "w") as f:
+            json.dump(final, f)
+
+
+def restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
+    """Load a checkpoint folder into the given objects; returns (next epoch, history)."""
+    with open(os.path.join(d, _STATE_FILE)) as f:
+        meta = json.load(f)
+    core.load_state_dict(state.load_tensors(os.path.join(d, "model.safetensors")))
+    state.optimizer_from_flat(opt, state.load_tensors(os.path.join(d, "optimizer.safetensors")), meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    keeper.entries = [
+        (loss, ep, state.load_tensors(os.path.join(d, f"top-{i}.safetensors"))) for i, (loss, ep) in enumerate(meta["top"])
+    ]
+    return meta["epoch"] + 1, meta["history"]
+
+
+@torch.no_grad()
+def update_bn(model, images: np.ndarray, batch_size: int, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD) -> None:
+    """Recompute BatchNorm running statistics of averaged weights over ``uint8[N, H, W]`` images."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {}
+    for bn in bns:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None  # cumulative average over all batches
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(data.to_input(images[i : i + batch_size], mean, std, device=device))
+    for bn in bns:
+        bn.momentum = momenta[bn]

@@ -1,0 +1,132 @@
+"""Stage 3 end to end on a real local Ray cluster: train-segmenter on a label store, Table 3,
+and labeling with the segmenter through the same job and store."""
+
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cam2seg import data, io, metrics, rle, store
+from cam2seg.archive import Archive
+from cam2seg.artifact import load_card
+from cam2seg.config import LabelConfig, SegmenterConfig
+from cam2seg.folds import FOLDS_FILE, folds_csv, load_folds, make_folds
+from cam2seg.label_job import label_archive, label_images, load_label_models
+from cam2seg.postprocess import PostProcess
+from cam2seg.seg_eval import evaluate_segmenters
+from cam2seg.segmenter_job import train_segmenter
+
+pytestmark = pytest.mark.slow
+
+CFG = dict(encoder="tu-mobilenetv3_small_100", epochs=2, batch_size=8, size=(32, 200), ignore_band=1, load_threads=2)
+
+
+def _pseudo_store(archive: Archive, url: str, model: str) -> None:
+    """A label store whose "pseudo-masks" are the true masks grown by 3 pixels, plus a spurious
+    mask of a class the image does not hold on every fourth image (what absent_zero removes)."""
+    shape = archive.image_shape(archive.image_ids[0])
+    kernel = np.ones((7, 7), np.uint8)
+    rows = {k: [] for k in store.MASK_SCHEMA.names}
+    for n, iid in enumerate(archive.image_ids):
+        masks = archive.masks(iid, shape)
+        for k, cid in enumerate(archive.class_ids):
+            m = cv2.dilate(masks[k].astype(np.uint8), kernel).astype(bool)
+            if not archive.labels[n, k] and k == 0 and n % 4 == 0:
+                m[5:20, 50:150] = True
+            for col, v in zip(store.MASK_SCHEMA.names, [iid, cid, rle.encode(m), 0.9, int(m.sum()), shape[0],
+                                                          shape[1], "pseudo-v1", "run-a"]):
+                rows[col].append(v)
+    part = store.write_part(url, "masks", "run-a", pa.table(rows, schema=store.MASK_SCHEMA))
+    store.commit(url, "run-a", {"model": model, "model_version": "pseudo-v1", "complete": True,
+                                "parts": {"masks": [part], "errors": []}})
+
+
+@pytest.fixture(scope="module")
+def trained(small_archive, tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("stage3")
+    archive = Archive.open(str(small_archive))
+    model = str(root / "classifier")  # only its folds matter here: a split the default seed would not make
+    folds = make_folds(archive.labels, 2, seed=11)
+    io.write_bytes(io.join(model, FOLDS_FILE), folds_csv(archive.image_ids, folds))
+    pseudo = str(root / "store")
+    _pseudo_store(archive, pseudo, model)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    logs = []
+    try:
+        out = str(root / "seg")
+        card = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG), log=logs.append)
+        again = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG), log=logs.append)
+        yield {"archive": archive, "root": root, "store": pseudo, "seg": out, "card": card, "again": again,
+               "folds": folds, "logs": logs}
+    finally:
+        ray.shutdown()
+
+
+def test_segmenter_artifact_card_and_folds(trained):
+    card = trained["card"]
+    assert card.kind == "segmenter" and card.architecture == CFG["encoder"] and card.folds == 2
+    assert card.head["architecture"] == "Unet" and tuple(card.input_size) == CFG["size"]
+    assert card.training["masks"] == trained["store"] and card.training["store_runs"] == ["run-a"]
+    assert card.training["refinements"] == {"absent_zero": True, "present_empty": "ignore", "ignore_band": 1}
+    assert card.postprocess["threshold"] == 0.2 and card.postprocess["min_seg_len"] == 0
+    # the classifier's split, not a new one
+    seg_folds = load_folds(io.join(trained["seg"], FOLDS_FILE))
+    assert [seg_folds[i] for i in trained["archive"].image_ids] == trained["folds"].tolist()
+    assert any("using the folds of" in m for m in trained["logs"])
+    for f in card.metrics["folds"]:
+        assert len([h for h in f["history"] if "epoch" in h and "val_loss" in h]) == CFG["epochs"]
+        assert 0 < f["ignored_fraction"] < 0.5  # the edge band
+    # the same inputs again: nothing retrained, same version
+    assert trained["again"].version == card.version
+    assert any("already holds this segmenter" in m for m in trained["logs"])
+
+
+def test_table3_scores_store_and_segmenter(trained):
+    archive = trained["archive"]
+    rows, table = evaluate_segmenters(str(archive.root), [trained["seg"]], trained["store"], log=print)
+    print(table)
+    names = list(rows)
+    stored = next(n for n in names if n.startswith("CAM pseudo-masks as stored"))
+    paper = next(n for n in names if n.endswith("paper (thr 0.2, min 0)"))
+    tuned = next(n for n in names if n.endswith("tuned per class (OOF)"))
+    assert "baseline: all-empty" in names and "baseline: whole image if accepted" in names
+    # the stored row equals Dice computed directly from decoded masks
+    t = store.read_masks(trained["store"]).to_pylist()
+    pred = {(r["image_id"], r["class_id"]): store.decode_mask(r) for r in t}
+    direct = np.array([[metrics.dice(pred[(i, c)], m) for c, m in zip(archive.class_ids, archive.masks(i))]
+                       for i in archive.image_ids])
+    expect = metrics.score_dice(direct, archive.true_areas())
+    assert rows[stored].positive_mean == pytest.approx(expect.positive_mean)
+    assert rows[stored].kaggle_mean == pytest.approx(expect.kaggle_mean)
+    assert rows[tuned].kaggle_mean >= rows[paper].kaggle_mean - 1e-9  # tuned for the Kaggle mean
+    card = load_card(trained["seg"])
+    assert card.postprocess["tuned"] is True and paper in card.metrics["seg_oof"]
+
+
+def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
+    archive = trained["archive"]
+    out = str(tmp_path / "labels")
+    summary = label_archive(trained["seg"], archive.images_url, out, LabelConfig(batch_size=8), log=print)
+    assert summary["labeled"] == len(archive) and summary["errors"] == 0
+    got = store.read_masks(out).to_pylist()
+    assert len(got) == len(archive) * 4
+    marker = store.committed_runs(out)[-1]
+    assert marker["model_kind"] == "segmenter" and marker["complete"]
+    card, models = load_label_models(trained["seg"])
+    ids = archive.image_ids[:8]
+    imgs = data.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
+    shape = archive.image_shape(ids[0])
+    with torch.no_grad():
+        cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [shape] * len(ids))
+    by_key = {(r["image_id"], r["class_id"]): r for r in got}
+    for j, (enc, area) in enumerate(zip(cols["encoded_pixels"], cols["area"])):
+        r = by_key[(ids[j // 4], card.class_ids[j % 4])]
+        assert r["encoded_pixels"] == enc and r["area"] == area
+    assert json.loads(io.read_bytes(io.join(trained["seg"], "model.json")))["kind"] == "segmenter"
