@@ -36,27 +36,11 @@ class SynthConfig(_Section):
     class_mix: Literal["severstal", "balanced"] = "severstal"
 
 
-class ClassifierConfig(_Section):
-    """``cam2seg train-classifiers``: stage 1, the paper's recipe by default."""
+class _FoldTraining(_Section):
+    """Settings every fold training shares: the plateau schedule and how the folds run."""
 
-    encoder: str = Field("efficientnet_b0", description="any timm model name")
-    pretrained: bool | str = Field(False, description="false, true (hub download) or a safetensors URL")
-    folds: int = Field(5, ge=2)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr_encoder: float = Field(1e-4, gt=0)
-    lr_head: float = Field(1e-3, gt=0)
     plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
     lr_factor: float = Field(0.5, gt=0, lt=1)
-    size: tuple[int, int] = Field((256, 1600), description="input height, width")
-    output_stride: Literal[8, 16, 32] = Field(32, description="encoder stride; 16 or 8 dilate the last stages "
-                                              "for finer CAMs (EfficientNet, MobileNetV2, ResNet)")
-    hidden: int = Field(256, ge=1)
-    dropout: float = Field(0.3, ge=0, lt=1)
-    augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])
-    swa_epochs: int = Field(3, ge=1, description="average the weights of this many best epochs")
-    swa_update_bn: bool = Field(True, description="recompute BatchNorm statistics for the averaged weights "
-                                "(lowered validation loss by 0.055-0.07 in a measured run; see README)")
     seed: int = 0
     workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -66,10 +50,31 @@ class ClassifierConfig(_Section):
     load_threads: int = Field(8, ge=1)
     keep_checkpoints: bool = Field(False, description="keep the per-epoch Ray Train checkpoints after success")
 
-    @field_validator("size", mode="before")
+    @field_validator("size", mode="before", check_fields=False)  # each subclass declares its size
     @classmethod
     def _parse_size(cls, v):
         return parse_size(v) if isinstance(v, str) else v
+
+
+class ClassifierConfig(_FoldTraining):
+    """``cam2seg train-classifiers``: stage 1, the paper's recipe by default."""
+
+    encoder: str = Field("efficientnet_b0", description="any timm model name")
+    pretrained: bool | str = Field(False, description="false, true (hub download) or a safetensors URL")
+    folds: int = Field(5, ge=2)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr_encoder: float = Field(1e-4, gt=0)
+    lr_head: float = Field(1e-3, gt=0)
+    size: tuple[int, int] = Field((256, 1600), description="input height, width")
+    output_stride: Literal[8, 16, 32] = Field(32, description="encoder stride; 16 or 8 dilate the last stages "
+                                              "for finer CAMs (EfficientNet, MobileNetV2, ResNet)")
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])
+    swa_epochs: int = Field(3, ge=1, description="average the weights of this many best epochs")
+    swa_update_bn: bool = Field(True, description="recompute BatchNorm statistics for the averaged weights "
+                                "(lowered validation loss by 0.055-0.07 in a measured run; see README)")
 
 
 class LabelConfig(_Section):
@@ -99,7 +104,7 @@ class LabelConfig(_Section):
         return v
 
 
-class SegmenterConfig(_Section):
+class SegmenterConfig(_FoldTraining):
     """``cam2seg train-segmenter``: stage 3, a U-Net on pseudo-masks (or true masks)."""
 
     architecture: str = Field("Unet", description="segmentation-models-pytorch architecture (Unet, UnetPlusPlus, FPN, ...)")
@@ -109,8 +114,6 @@ class SegmenterConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
-    plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
-    lr_factor: float = Field(0.5, gt=0, lt=1)
     size: tuple[int, int] | None = Field(None, description="input height, width; None: the archive's image size")
     augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip", "vflip"])
     bce_weight: float = Field(1.0, ge=0)
@@ -122,19 +125,6 @@ class SegmenterConfig(_Section):
     ignore_band: int = Field(0, ge=0, description="pixels on either side of a pseudo-mask's edge left out of the "
                              "loss (at the training size; 0: none)")
     swa_epochs: int = Field(1, ge=1, description="average the weights of this many best epochs (by validation loss)")
-    seed: int = 0
-    workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
-    mixed_precision: bool = Field(True, description="bf16/fp16 autocast on GPU")
-    max_failures: int = Field(3, ge=0, description="worker failures a fold survives (resuming from its last epoch)")
-    load_threads: int = Field(8, ge=1)
-    keep_checkpoints: bool = Field(False, description="keep the per-epoch Ray Train checkpoints after success")
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _parse_size(cls, v):
-        return parse_size(v) if isinstance(v, str) else v
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -14,16 +14,13 @@ process, which is how it runs without a cluster.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, metrics, state, swa, training
+from . import data, metrics, swa, training
 from .classifier import create_classifier
 from .config import ClassifierConfig
 from .training import FINAL_FILE
@@ -89,20 +86,11 @@ def train_fold_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     opt = make_optimizer(core, cfg)
-    sched = make_scheduler(opt, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
-    keeper = swa.TopK(cfg.swa_epochs)
-    start, history = 0, []
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, FINAL_FILE)):
-                say("already finished (final checkpoint found)")
-                return
-            start, history = training.restore(d, core, opt, sched, keeper)
-        say(f"resuming at epoch {start + 1}/{cfg.epochs} from a checkpoint")
-        history.append({"event": "resumed", "epoch": start})
+    fs = training.FoldState(core, opt, make_scheduler(opt, cfg), swa.TopK(cfg.swa_epochs), training.make_scaler(amp),
+                            rank)
+    if not fs.resume(say, cfg.epochs):
+        return
+    start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
 
     t_load = time.perf_counter()
     x_train = data.load_images(config["train_urls"], cfg.size, cfg.load_threads)
@@ -126,13 +114,7 @@ def train_fold_loop(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             with training.autocast(device, amp):
                 loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
-            if scaler is not None and scaler.is_enabled():
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            fs.step(loss)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         train_loss = total / max(seen, 1)
@@ -149,13 +131,7 @@ def train_fold_loop(config: dict) -> None:
         say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
             f"auc {auc_text} (mean {np.nanmean(auc) if np.isfinite(auc).any() else float('nan'):.3f}) "
             f"lr {lrs[0]:.1e}/{lrs[1]:.1e} {secs:.1f}s {seen * world / secs:.1f} img/s")
-        metrics_out = {"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                training.save_checkpoint(d, core, opt, sched, keeper, history, epoch)
-                ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics_out)
+        fs.report({"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}, epoch)
 
     # SWA: the average of the best epochs by validation loss. Both BatchNorm variants are
     # scored on the held-out fold, so the choice of swa_update_bn rests on numbers.
@@ -177,13 +153,6 @@ def train_fold_loop(config: dict) -> None:
     final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": val_loss, "auc": [float(a) for a in auc],
              "history": history, "swa_bn_variants": {k: {"val_loss": lv, "auc": [float(a) for a in av]}
                                                      for k, (lv, av) in variants.items()}}
-    metrics_out = {"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            state.save_tensors(os.path.join(d, SWA_FILE), core.state_dict())
-            with open(os.path.join(d, OOF_FILE), "w") as f:
-                json.dump({"image_ids": config["val_ids"], "probs": probs.tolist()}, f)
-            training.save_checkpoint(d, core, opt, sched, keeper, history, cfg.epochs - 1, final=final)
-            ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics_out)
+    fs.report({"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}, cfg.epochs - 1, final=final,
+              tensors={SWA_FILE: core.state_dict()},
+              jsons={OOF_FILE: {"image_ids": config["val_ids"], "probs": probs.tolist()}})

@@ -11,19 +11,16 @@ resume are :mod:`cam2seg.training`'s, as for the classifiers.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import cv2
 import numpy as np
 import torch
 
-from . import data, rle, state, swa, training
+from . import data, rle, swa, training
 from .config import SegmenterConfig
 from .pseudo import refine_targets
 from .segmenter import create_segmenter, segmentation_loss
-from .training import FINAL_FILE
 
 __all__ = ["train_segmenter_loop", "build_targets", "SWA_FILE"]
 
@@ -101,19 +98,10 @@ def train_segmenter_loop(config: dict) -> None:
     opt = torch.optim.Adam(core.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
                                                        patience=cfg.plateau_epochs - 1)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
-    keeper = swa.TopK(cfg.swa_epochs)
-    start, history = 0, []
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, FINAL_FILE)):
-                say("already finished (final checkpoint found)")
-                return
-            start, history = training.restore(d, core, opt, sched, keeper)
-        say(f"resuming at epoch {start + 1}/{cfg.epochs} from a checkpoint")
-        history.append({"event": "resumed", "epoch": start})
+    fs = training.FoldState(core, opt, sched, swa.TopK(cfg.swa_epochs), training.make_scaler(amp), rank)
+    if not fs.resume(say, cfg.epochs):
+        return
+    start, history, keeper = fs.start, fs.history, fs.keeper
 
     t_load = time.perf_counter()
     x_train = data.load_images(config["train_urls"], size, cfg.load_threads)
@@ -140,13 +128,7 @@ def train_segmenter_loop(config: dict) -> None:
             with training.autocast(device, amp):
                 logits = model(x)
             loss = segmentation_loss(logits.float(), y, cfg.bce_weight, cfg.dice_weight)
-            if scaler is not None and scaler.is_enabled():
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            fs.step(loss)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         train_loss = total / max(seen, 1)
@@ -159,13 +141,7 @@ def train_segmenter_loop(config: dict) -> None:
                         "kept": kept})
         say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} lr {lr:.1e} "
             f"{secs:.1f}s {seen * world / secs:.1f} img/s")
-        metrics_out = {"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                training.save_checkpoint(d, core, opt, sched, keeper, history, epoch)
-                ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics_out)
+        fs.report({"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}, epoch)
 
     core.load_state_dict(keeper.average())
     if len(keeper.entries) > 1:
@@ -174,11 +150,5 @@ def train_segmenter_loop(config: dict) -> None:
     say(f"kept epochs {[e + 1 for e in keeper.epochs]}: val_loss {val_loss:.4f}")
     final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": val_loss, "history": history,
              "ignored_fraction": ignored}
-    metrics_out = {"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            state.save_tensors(os.path.join(d, SWA_FILE), core.state_dict())
-            training.save_checkpoint(d, core, opt, sched, keeper, history, cfg.epochs - 1, final=final)
-            ray.train.report(metrics_out, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics_out)
+    fs.report({"fold": fold, "epoch": cfg.epochs, "val_loss": val_loss, "final": True}, cfg.epochs - 1, final=final,
+              tensors={SWA_FILE: core.state_dict()})

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import data, state, swa
 
-__all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn"]
+__all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState"]
 
 FINAL_FILE = "final.json"
 _STATE_FILE = "state.json"
@@ -82,3 +84,66 @@ def update_bn(model, images: np.ndarray, batch_size: int, device, mean=data.IMAG
         model(data.to_input(images[i : i + batch_size], mean, std, device=device))
     for bn in bns:
         bn.momentum = momenta[bn]
+
+
+def make_scaler(amp: bool):
+    """A gradient scaler for fp16 autocast (bf16 needs none); None without mixed precision."""
+    return torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
+
+
+@dataclass
+class FoldState:
+    """What a fold's ``train_loop_per_worker`` carries from epoch to epoch, and the three things
+    both loops do with it: resume from Ray Train's checkpoint, take an optimiser step, report."""
+
+    core: torch.nn.Module  # the unwrapped model (DDP's ``.module``)
+    opt: torch.optim.Optimizer
+    sched: object
+    keeper: swa.TopK
+    scaler: object = None
+    rank: int = 0
+    start: int = 0
+    history: list = field(default_factory=list)
+
+    def resume(self, say, epochs: int) -> bool:
+        """Restore from Ray Train's checkpoint, if there is one; False when the fold had finished."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return True
+        with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, FINAL_FILE)):
+                say("already finished (final checkpoint found)")
+                return False
+            self.start, self.history = restore(d, self.core, self.opt, self.sched, self.keeper)
+        say(f"resuming at epoch {self.start + 1}/{epochs} from a checkpoint")
+        self.history.append({"event": "resumed", "epoch": self.start})
+        return True
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+
+    def report(self, metrics: dict, epoch: int, final: dict | None = None, tensors: dict | None = None,
+               jsons: dict | None = None) -> None:
+        """``ray.train.report`` with a checkpoint from rank 0 (plus ``tensors`` / ``jsons`` files
+        by name, and ``final`` for the last one); other ranks report metrics only."""
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            for name, t in (tensors or {}).items():
+                state.save_tensors(os.path.join(d, name), t)
+            for name, obj in (jsons or {}).items():
+                with open(os.path.join(d, name), "w") as f:
+                    json.dump(obj, f)
+            save_checkpoint(d, self.core, self.opt, self.sched, self.keeper, self.history, epoch, final=final)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

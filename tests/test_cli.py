@@ -67,21 +67,28 @@ def test_label_errors_before_any_work(tmp_path, random_artifact):
     assert r.returncode == 2 and "label.image_size" in r.stderr
 
 
-def test_segmenter_and_evaluate_errors_before_any_work(tmp_path, small_archive):
+def test_segmenter_and_evaluate_errors_before_any_work(tmp_path, small_archive, capsys):
+    """In-process (the console script is ``main``; the subprocess tests above cover the script)."""
+    from cam2seg.cli import main
+
+    def err(*args):
+        rc = main(list(args))
+        return rc, capsys.readouterr().err
+
     seg = ("train-segmenter", "--data", str(small_archive), "--out", str(tmp_path / "seg"))
-    r = run(*seg, "--masks", str(tmp_path / "no-store"))
-    assert r.returncode == 2 and "no committed labeling run" in r.stderr and "Traceback" not in r.stderr
-    r = run(*seg, "--masks", "truth", "--encoder", "no-such-encoder")
-    assert r.returncode == 2 and "no-such-encoder" in r.stderr
-    r = run("train-segmenter", "--data", str(small_archive / "labels.csv"), "--out", str(tmp_path / "seg"),
-            "--masks", "truth")
-    assert r.returncode == 2 and "has no masks" in r.stderr
+    rc, e = err(*seg, "--masks", str(tmp_path / "no-store"))
+    assert rc == 2 and "no committed labeling run" in e and "Traceback" not in e
+    rc, e = err(*seg, "--masks", "truth", "--encoder", "no-such-encoder")
+    assert rc == 2 and "no-such-encoder" in e
+    rc, e = err("train-segmenter", "--data", str(small_archive / "labels.csv"), "--out", str(tmp_path / "seg"),
+                "--masks", "truth")
+    assert rc == 2 and "has no masks" in e
     cfg = tmp_path / "c.yaml"
     cfg.write_text("segmenter:\n  present_empty: maybe\n")
-    r = run(*seg, "--masks", "truth", "--config", str(cfg))
-    assert r.returncode == 2 and "segmenter.present_empty" in r.stderr
-    r = run("evaluate", "--truth", str(small_archive))
-    assert r.returncode == 2 and "give --model" in r.stderr
+    rc, e = err(*seg, "--masks", "truth", "--config", str(cfg))
+    assert rc == 2 and "segmenter.present_empty" in e
+    rc, e = err("evaluate", "--truth", str(small_archive))
+    assert rc == 2 and "give --model" in e
     assert not (tmp_path / "seg").exists()
 
 
