@@ -81,7 +81,13 @@ def _card_cam_row(model_url: str) -> tuple[str, metrics.DiceScores] | None:
                                r["positive_mean"], 0, np.zeros(len(r["kaggle"]), int)))
 
 
-def _seg_name(card) -> str:
+def _seg_name(card, url: str) -> str:
+    """A row name that says what the segmenter learned from; prefixed by the artifact's folder
+    name, so two segmenters with the same recipe stay two rows."""
+    return f"{url.rstrip('/').rsplit('/', 1)[-1]}: {_recipe(card)}"
+
+
+def _recipe(card) -> str:
     masks = card.training.get("masks", "?")
     if masks == "truth":
         return f"U-Net ({card.architecture}) on true masks"
@@ -118,7 +124,7 @@ def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | 
     probs = None
     for url in segmenters:
         card = load_card(url)
-        name = _seg_name(card)
+        name = _seg_name(card, url)
         log(f"{name}: out-of-fold maps of {url}")
         st = oof_seg_stats(url, archive, batch_size, device, log)
         image_area, probs = st.image_area, st.probs if probs is None else probs
