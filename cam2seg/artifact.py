@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from . import __version__, io, state
 
 __all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "load_extra_states",
-           "update_card", "CARD_FILE"]
+           "update_card", "build_fold_models", "CARD_FILE"]
 
 CARD_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -141,3 +141,17 @@ def load_artifact(url: str, kind: str | None = None) -> tuple[ModelCard, list[di
     if kind is not None and card.kind != kind:
         raise ArtifactError(f"{url} holds a {card.kind}, expected a {kind}")
     return card, [st_load(_checked_bytes(url, card, name)) for name in card.fold_files]
+
+
+def build_fold_models(url: str, card: ModelCard, states: list[dict], build, device="cpu") -> list:
+    """``build()`` once per fold, loaded with that fold's weights, in eval mode on ``device``;
+    weights that do not fit the card's architecture are an :class:`ArtifactError`."""
+    models = []
+    for k, sd in enumerate(states):
+        model = build()
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ArtifactError(f"{url}: fold {k} weights do not fit {card.architecture}: {str(e)[:300]}") from None
+        models.append(model.to(device).eval())
+    return models

@@ -106,20 +106,14 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
     ``weights``: "swa" (the fold weights) or "best-epoch" (each fold's single best epoch,
     kept for ablations).
     """
-    from .artifact import ArtifactError, load_artifact, load_extra_states
+    from .artifact import build_fold_models, load_artifact, load_extra_states
 
     card, states = load_artifact(url, kind="classifier")
     if weights == "best-epoch":
         states = load_extra_states(url, card, [f"fold-{k}.best-epoch.safetensors" for k in range(card.folds)])
     elif weights != "swa":
         raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
-    models = []
-    for k, sd in enumerate(states):
-        model = Classifier(card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"],
-                           output_stride=card.head.get("output_stride", 32))
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ArtifactError(f"{url}: fold {k} weights do not fit {card.architecture}: {str(e)[:300]}") from None
-        models.append(model.to(device).eval())
+    models = build_fold_models(url, card, states, lambda: Classifier(
+        card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"],
+        output_stride=card.head.get("output_stride", 32)), device)
     return card, models

@@ -39,30 +39,27 @@ def oof_seg_stats(seg_url: str, archive: Archive, batch_size: int = 8, device=No
                          device, f"segmenter {seg_url}", log)
 
 
-def store_pair_dice(store_url: str, archive: Archive) -> tuple[np.ndarray, np.ndarray]:
-    """(Dice ``float[N, C]`` of the store's masks against the true masks, true areas ``int[N, C]``)
-    for every archive image; an image the store lacks counts as all-empty predictions."""
+def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> np.ndarray:
+    """Dice ``float[N, C]`` of the store's masks against the true masks (areas ``true_area``
+    ``int[N, C]``) for every archive image; an image the store lacks counts as all-empty predictions."""
     table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "height", "width"])
     t = table.to_pydict()
     pred = {(i, c): (e, h, w) for i, c, e, h, w in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
                                                          t["height"], t["width"])}
     n, c = len(archive), archive.num_classes
     inter, p_area = np.zeros((n, c), np.int64), np.zeros((n, c), np.int64)
-    true_area = archive.true_areas()
-    shape = None
     for i, iid in enumerate(archive.image_ids):
         for k, cid in enumerate(archive.class_ids):
             enc, h, w = pred.get((iid, cid), ("", 0, 0))
             if not enc:
                 continue
             p = rle.decode(enc, h, w)
-            shape = shape or (h, w)
             truth = rle.decode(archive.rle(iid, cid), h, w) if true_area[i, k] else np.zeros((h, w), bool)
             inter[i, k], p_area[i, k] = int((p & truth).sum()), int(p.sum())
     missing = sum(1 for iid in archive.image_ids if (iid, archive.class_ids[0]) not in pred)
     if missing == n:
         raise ArchiveError(f"{store_url} holds no mask of any image of {archive.source}")
-    return metrics.dice_from_counts(inter, p_area, true_area), true_area
+    return metrics.dice_from_counts(inter, p_area, true_area)
 
 
 def _card_cam_row(model_url: str) -> tuple[str, metrics.DiceScores] | None:
@@ -114,8 +111,7 @@ def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | 
     image_area = None
     if store_url:
         log(f"scoring the pseudo-masks in {store_url}")
-        d, true_area = store_pair_dice(store_url, archive)
-        pair[f"CAM pseudo-masks as stored ({store_url})"] = d
+        pair[f"CAM pseudo-masks as stored ({store_url})"] = store_pair_dice(store_url, archive, true_area)
         marker_model = (store.committed_runs(store_url) or [{}])[-1].get("model")
         if marker_model:
             row = _card_cam_row(marker_model)

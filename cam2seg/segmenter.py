@@ -57,17 +57,11 @@ def create_segmenter(architecture: str = "Unet", encoder: str = "efficientnet-b0
 
 def load_segmenters(url: str, device="cpu") -> tuple["ModelCard", list[Segmenter]]:  # noqa: F821
     """The card and the K fold segmenters of an artifact, in eval mode on ``device``."""
-    from .artifact import ArtifactError, load_artifact
+    from .artifact import build_fold_models, load_artifact
 
     card, states = load_artifact(url, kind="segmenter")
-    models = []
-    for k, sd in enumerate(states):
-        model = Segmenter(card.head.get("architecture", "Unet"), card.architecture, card.num_classes)
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ArtifactError(f"{url}: fold {k} weights do not fit {card.architecture}: {str(e)[:300]}") from None
-        models.append(model.to(device).eval())
+    models = build_fold_models(url, card, states, lambda: Segmenter(card.head.get("architecture", "Unet"),
+                                                                    card.architecture, card.num_classes), device)
     return card, models
 
 
