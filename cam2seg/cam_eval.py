@@ -155,6 +155,7 @@ def evaluate_cams(model_url: str, truth_url: str, *, write: bool = True, objecti
         cam_metrics = {name: {"kaggle_mean": s.kaggle_mean, "positive_mean": s.positive_mean,
                               "kaggle": s.kaggle.tolist(), "positive": s.positive.tolist()}
                        for name, s in rows.items()}
-        card = update_card(model_url, card, postprocess=post, metrics={**card.metrics, "cam_oof": cam_metrics})
+        card = update_card(model_url, card, postprocess=post, metrics={**card.metrics, "cam_oof": cam_metrics,
+                                                                       "cam_oof_sweep": tuned.curves()})
         log(f"wrote tuned post-processing into {model_url}/model.json (version now {card.version})")
     return rows, table

@@ -14,7 +14,9 @@ from torch import nn
 
 from . import io
 
-__all__ = ["PaperHead", "Classifier", "create_classifier", "load_encoder_weights", "load_fold_models"]
+POOLS = ("avg", "max", "avgmax")
+
+__all__ = ["POOLS", "PaperHead", "Classifier", "create_classifier", "load_encoder_weights", "load_fold_models"]
 
 
 class PaperHead(nn.Module):
@@ -35,14 +37,16 @@ class Classifier(nn.Module):
     """timm encoder + :class:`PaperHead`. Input ``float[B, 3, H, W]`` normalised; output logits."""
 
     def __init__(self, encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
-                 dropout: float = 0.3, pretrained: bool = False, output_stride: int = 32):
+                 dropout: float = 0.3, pretrained: bool = False, output_stride: int = 32, pool: str = "avg"):
         super().__init__()
         # num_classes=0: timm keeps its global pooling and drops its own classifier.
         # output_stride < 32 dilates the last stages instead of striding them: same weights,
         # a finer feature map (so finer CAMs) for more compute.
         extra = {} if output_stride == 32 else {"output_stride": output_stride}
         try:
-            self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0, **extra)
+            # pool: timm's global pooling by name. "max"/"avgmax" let a small defect drive its
+            # logit instead of being averaged away over a mostly clean strip.
+            self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0, global_pool=pool, **extra)
         except TypeError as e:
             if not extra:
                 raise
@@ -88,13 +92,17 @@ def load_encoder_weights(encoder: nn.Module, url: str) -> int:
 
 
 def create_classifier(encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
-                      dropout: float = 0.3, pretrained: bool | str = False, output_stride: int = 32) -> Classifier:
+                      dropout: float = 0.3, pretrained: bool | str = False, output_stride: int = 32,
+                      pool: str = "avg") -> Classifier:
     """Build a classifier; ``pretrained``: False, True (timm hub download) or a safetensors URL."""
     if encoder not in timm.list_models() and not timm.is_model(encoder):
         raise ValueError(f"unknown timm model {encoder!r}")
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-    model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True, output_stride=output_stride)
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True, output_stride=output_stride,
+                       pool=pool)
     if isinstance(pretrained, str):
         load_encoder_weights(model.encoder, pretrained)
     return model
@@ -115,5 +123,5 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
         raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
     models = build_fold_models(url, card, states, lambda: Classifier(
         card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"],
-        output_stride=card.head.get("output_stride", 32)), device)
+        output_stride=card.head.get("output_stride", 32), pool=card.head.get("pool", "avg")), device)
     return card, models

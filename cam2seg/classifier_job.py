@@ -53,7 +53,7 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     if n < 2 * cfg.folds:
         raise ValueError(f"{n} images are too few for {cfg.folds} folds")
     # Fail here, not in every fold's worker: the encoder must exist and take the stride.
-    create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride)
+    create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride, cfg.pool)
     key = run_key(cfg, archive)
     if not force and io.exists(io.join(out, "model.json")):
         card = load_card(out)
@@ -140,7 +140,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         grayscale=True,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        head={"hidden": cfg.hidden, "dropout": cfg.dropout, "output_stride": cfg.output_stride},
+        head={"hidden": cfg.hidden, "dropout": cfg.dropout, "output_stride": cfg.output_stride, "pool": cfg.pool},
         folds=cfg.folds,
         fold_files=[],
         # The paper's tuned post-processing, until the CAM stage tunes them on OOF maps.

@@ -6,7 +6,6 @@ Every command takes ``--config FILE``: flags override the file, the file overrid
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -130,19 +129,28 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import io, synth
+    from .demo import run_demo
 
-    workdir = args.workdir.rstrip("/")
-    archive = io.join(workdir, "archive")
-    print(f"== cam2seg demo in {workdir}")
-    print("== stage 0: synthetic Severstal-like archive")
-    if io.exists(io.join(archive, "train.csv")):
-        meta = json.loads(io.read_bytes(io.join(archive, "synth.json")))
-        print(f"archive already present ({meta['images']} images); reusing it")
-    else:
-        summary = synth.write_archive(archive, args.images, args.height, args.width, seed=0)
-        print(json.dumps(summary, indent=2))
-    _print_stats(archive, None)
+    run_demo(args.workdir, args.preset, args.config, guided=args.guided)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    summary = build_report(args.out, archive=args.archive, store_url=args.store, model=args.model,
+                           segmenters=args.segmenter or [], examples=args.examples)
+    print(summary)
+    return 0
+
+
+def cmd_export_coco(args) -> int:
+    from .coco import export_coco
+
+    s = export_coco(args.store, args.out, fmt=args.format, order=args.order, limit=args.limit)
+    order = "lowest-confidence first" if args.order == "confidence" else "in image id order"
+    print(f"wrote {s['images']} images and {s['annotations']} {args.format} annotations to {s['out']} "
+          f"(COCO instance segmentation; images {order})")
     return 0
 
 
@@ -225,11 +233,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the pipeline on the embedded default (synthetic archive)")
-    p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run)")
-    p.add_argument("--images", type=int, default=400, help="synthetic images (default 400)")
-    p.add_argument("--height", type=int, default=128, help="image height (default 128)")
-    p.add_argument("--width", type=int, default=800, help="image width (default 800)")
+    p = sub.add_parser("report", help="an HTML report (tables, plots, overlays) of any archive, store and models")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and its pictures")
+    p.add_argument("--archive", metavar="ARCHIVE", help="archive: labels (score plots) and true masks (Dice tables)")
+    p.add_argument("--store", metavar="STORE", help="label store: score distributions and the gallery")
+    p.add_argument("--model", metavar="MODEL", help="classifier artifact (default: the one that wrote the store)")
+    p.add_argument("--segmenter", metavar="SEG", action="append", help="segmenter artifact (repeatable)")
+    p.add_argument("--examples", type=int, default=3,
+                   help="gallery images per class: 3 = best, typical, worst (default 3; 0: no gallery)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export-coco", help="pseudo-masks of a label store as COCO JSON, for review in CVAT or Label Studio")
+    p.add_argument("--store", required=True, metavar="STORE", help="label store (folder or s3:// prefix)")
+    p.add_argument("--out", required=True, metavar="FILE", help="COCO .json file to write (any fsspec URL)")
+    p.add_argument("--format", choices=["polygon", "rle"], default="polygon",
+                   help="polygon: editable outlines, holes filled (default); rle: exact masks, iscrowd=1 "
+                        "(CVAT imports them as masks; Label Studio's COCO converter cannot)")
+    p.add_argument("--order", choices=["confidence", "id"], default="confidence",
+                   help="images lowest-confidence first (default) or by image id")
+    p.add_argument("--limit", type=int, metavar="N", help="export only the first N images (in --order)")
+    p.set_defaults(func=cmd_export_coco)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic archive, with a report (see --preset)")
+    p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run); "
+                   "re-running in the same folder resumes")
+    p.add_argument("--preset", "--size", dest="preset", choices=["quick", "small", "paper"], default="small",
+                   help="quick: ~2 min smoke run; small (default): ~15 min on 2 CPU cores; paper: 256x1600, "
+                        "EfficientNet-b0, 5 folds (for a GPU cluster)")
+    p.add_argument("--guided", action="store_true", help="also score Guided GradCAM++ (slow on a CPU)")
     _add_config(p)
     p.set_defaults(func=cmd_demo)
     return parser

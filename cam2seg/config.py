@@ -69,6 +69,8 @@ class ClassifierConfig(_FoldTraining):
     size: tuple[int, int] = Field((256, 1600), description="input height, width")
     output_stride: Literal[8, 16, 32] = Field(32, description="encoder stride; 16 or 8 dilate the last stages "
                                               "for finer CAMs (EfficientNet, MobileNetV2, ResNet)")
+    pool: Literal["avg", "max", "avgmax"] = Field("avg", description="global pooling before the head (timm's "
+                                                   "global_pool): the paper's avg, or max / avgmax for small defects")
     hidden: int = Field(256, ge=1)
     dropout: float = Field(0.3, ge=0, lt=1)
     augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip"])
@@ -109,6 +111,8 @@ class SegmenterConfig(_FoldTraining):
 
     architecture: str = Field("Unet", description="segmentation-models-pytorch architecture (Unet, UnetPlusPlus, FPN, ...)")
     encoder: str = Field("efficientnet-b0", description="smp encoder name (tu-<timm name> for any timm model)")
+    decoder_channels: list[int] | None = Field(None, description="U-Net decoder widths, deepest first (None: smp's "
+                                                "256, 128, 64, 32, 16); narrower trains faster")
     encoder_weights: str | None = Field(None, description="None (random init) or a safetensors URL of encoder weights")
     folds: int | None = Field(None, ge=2, description="None: the classifier's folds when the masks name one, else 5")
     epochs: int = Field(30, ge=1)
@@ -148,8 +152,10 @@ class Config(_Section):
     segmenter: SegmenterConfig = SegmenterConfig()
 
 
-def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (any fsspec URL), then ``overrides``.
+def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                base: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Defaults, then ``base`` (a preset, section -> key -> value), then the YAML file at
+    ``path`` (any fsspec URL), then ``overrides``.
 
     ``overrides`` maps section -> key -> value; None values (flags not given) are ignored.
     """
@@ -165,6 +171,11 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | 
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for section, values in (base or {}).items():
+        own = data.get(section) or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        data[section] = {**values, **own}
     for section, values in (overrides or {}).items():
         given = {k: v for k, v in values.items() if v is not None}
         if given:

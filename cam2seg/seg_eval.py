@@ -136,7 +136,8 @@ def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | 
             post = {**cp.model_dump(), "tuned": True, "objective": objective}
             card = update_card(url, card, postprocess=post, metrics={**card.metrics, "seg_oof": {
                 n: {"kaggle_mean": s.kaggle_mean, "positive_mean": s.positive_mean, "kaggle": s.kaggle.tolist(),
-                    "positive": s.positive.tolist()} for n, s in scored.items() if n in rows_here}})
+                    "positive": s.positive.tolist()} for n, s in scored.items() if n in rows_here},
+                "seg_oof_sweep": tuned.curves()})
             log(f"wrote tuned post-processing into {url}/model.json (version now {card.version})")
     if not pair:
         raise ValueError("nothing to evaluate: give a label store and/or segmenter artifacts")

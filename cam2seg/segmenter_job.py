@@ -110,7 +110,8 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
     c = archive.num_classes
-    create_segmenter(cfg.architecture, cfg.encoder, c)  # an unknown architecture or encoder fails here, once
+    # an unknown architecture or encoder fails here, once
+    create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels)
     ids, rles, shapes, source = mask_targets(archive, masks, log)
     labels = archive.labels[[archive.index(i) for i in ids]]
     folds = _folds(archive, ids, cfg, source, log)
@@ -162,7 +163,8 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
                                                          "ignored_fraction")})
     card = ModelCard(
         kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
-        grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, head={"architecture": cfg.architecture},
+        grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        head={"architecture": cfg.architecture, "decoder_channels": cfg.decoder_channels},
         folds=k_folds, fold_files=[], postprocess=dict(PAPER_SEGMENTER_POSTPROCESS),
         metrics={"folds": fold_info, "val_loss_mean": float(np.mean([f["val_loss"] for f in fold_info]))},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__,

@@ -72,6 +72,7 @@ def train_fold_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg = ClassifierConfig(**config["classifier"])
+    training.quiet_ray_reports()
     fold = int(config["fold"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -82,7 +83,7 @@ def train_fold_loop(config: dict) -> None:
     say = (lambda msg: print(f"[fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
     model = create_classifier(cfg.encoder, len(config["train_labels"][0]), cfg.hidden, cfg.dropout, cfg.pretrained,
-                              cfg.output_stride)
+                              cfg.output_stride, cfg.pool)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     opt = make_optimizer(core, cfg)

@@ -83,6 +83,7 @@ def train_segmenter_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg = SegmenterConfig(**config["segmenter"])
+    training.quiet_ray_reports()
     fold, size = int(config["fold"]), tuple(config["size"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -92,7 +93,8 @@ def train_segmenter_loop(config: dict) -> None:
     amp = cfg.mixed_precision and device.type == "cuda"
     say = (lambda msg: print(f"[segmenter fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
-    model = create_segmenter(cfg.architecture, cfg.encoder, int(config["num_classes"]), cfg.encoder_weights)
+    model = create_segmenter(cfg.architecture, cfg.encoder, int(config["num_classes"]), cfg.encoder_weights,
+                             cfg.decoder_channels)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     opt = torch.optim.Adam(core.parameters(), lr=cfg.lr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +24,16 @@ __all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", 
 
 FINAL_FILE = "final.json"
 _STATE_FILE = "state.json"
+
+
+def quiet_ray_reports() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` at INFO on the worker, one long line per
+    epoch next to our own epoch line; keep its warnings, drop that chatter."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -72,6 +72,22 @@ class Tuned:
     surface: np.ndarray
     grid: dict
 
+    def curves(self) -> dict:
+        """Per class, Dice against the threshold at that class's tuned confidence and min_seg_len
+        (the threshold-sweep plot): ``{"objective", "threshold": float[T], "dice": float[C][T],
+        "chosen": float[C]}``, plain lists so a model card can hold it."""
+        thr = np.asarray(self.grid["threshold"])
+        conf = np.asarray(self.grid["confidence"])
+        min_len = np.asarray(self.grid["min_seg_len"])
+        c_conf, c_thr, c_min = self.per_class_pp.arrays(self.surface.shape[0])
+        dice = []
+        for c in range(self.surface.shape[0]):
+            q = int(np.argmin(np.abs(conf - c_conf[c])))
+            m = int(np.argmin(np.abs(min_len - c_min[c])))
+            dice.append([round(float(v), 5) for v in self.surface[c, :, q, m]])
+        return {"objective": self.objective, "threshold": thr.tolist(), "dice": dice,
+                "chosen": [float(t) for t in c_thr]}
+
 
 def sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = None,
           objective: str = "kaggle", defective_only: bool = True) -> Tuned:

@@ -1,0 +1,380 @@
+"""``cam2seg report``: one HTML page (plus its PNGs) that people can look at.
+
+What it shows depends on what it is given, so it works for any archive, store and model:
+
+* classifier card -> ROC-AUC per class and per fold (paper's Table 1), ROC curves when the
+  archive's labels are at hand, the CAM Dice ablation (Table 2) and its threshold sweep once
+  ``cam2seg evaluate`` has written them into the card;
+* archive with true masks + store and/or segmenters -> Table 3 (stored pseudo-masks, the
+  classifier's tuned CAM row, each segmenter out of fold, both baselines) and per-class bars;
+* store -> score distributions per class (split by the image-level labels when known) and a
+  gallery per class: image | true mask | CAM heatmap | pseudo-mask | segmenter mask for the
+  best, typical and worst images by the pseudo-mask's Dice, or, without true masks, by score.
+
+Gallery maps are out of fold where the model's ``folds.csv`` holds the image (the fold model
+that did not train on it), as the evaluation scores them. File names in the output are made
+up here, never taken from image ids.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from . import __version__, data, io, metrics, overlay, plots, rle, store
+from .archive import Archive
+from .artifact import ArtifactError, load_card
+from .folds import FOLDS_FILE, load_folds
+from .postprocess import PostProcess, apply
+
+__all__ = ["build_report", "pick_examples", "ReportSummary", "REPORT_FILE"]
+
+REPORT_FILE = "index.html"
+IMG_DIR = "img"
+
+
+@dataclass
+class ReportSummary:
+    out: str
+    html: str
+    images: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"report: {self.html} ({len(self.images)} pictures; sections: {', '.join(self.sections)}) "
+                f"in {self.seconds:.1f}s")
+
+
+def pick_examples(values: np.ndarray, n: int = 3) -> list[tuple[int, str]]:
+    """Indices of ``values float[M]`` to show, highest first: with n=3 the best, the median
+    and the worst; otherwise n evenly spaced ranks. Returns (index, label) without repeats."""
+    values = np.asarray(values, float)
+    if values.size == 0 or n <= 0:
+        return []
+    order = np.argsort(-values, kind="stable")
+    ranks = np.unique(np.round(np.linspace(0, len(order) - 1, min(n, len(order)))).astype(int))
+    names = {len(order) - 1: "worst", 0: "best"}  # one image: it is the best
+    out = []
+    for r in ranks:
+        label = names.get(int(r), "typical" if n == 3 else f"rank {int(r) + 1} of {len(order)}")
+        out.append((int(order[r]), label))
+    return out
+
+
+def _rows_table(rows: dict[str, metrics.DiceScores | dict], class_names: list[str]) -> list[dict]:
+    """Dice rows as plain dicts for the template (card rows are dicts, computed rows DiceScores)."""
+    out = []
+    for name, s in rows.items():
+        get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
+        out.append({"name": name, "kaggle_mean": get("kaggle_mean"), "positive_mean": get("positive_mean"),
+                    "classes": [(get("kaggle")[i], get("positive")[i]) for i in range(len(class_names))]})
+    return out
+
+
+class _Writer:
+    """Writes the report's pictures under ``out/img`` with made-up names."""
+
+    def __init__(self, out: str):
+        self.out, self.files = out, []
+
+    def png(self, name: str, content: bytes | np.ndarray) -> str:
+        if isinstance(content, np.ndarray):
+            content = io.encode_png(content)
+        rel = f"{IMG_DIR}/{name}.png"
+        io.write_bytes(io.join(self.out, rel), content)
+        self.files.append(rel)
+        return rel
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _load_classifier(url: str, device):
+    from .classifier import load_fold_models
+
+    card, models = load_fold_models(url, device)
+    return card, models, _folds_of(url)
+
+
+def _folds_of(url: str) -> dict[str, int]:
+    try:
+        return load_folds(io.join(url, FOLDS_FILE))
+    except FileNotFoundError:
+        return {}
+
+
+def _oof(models: list, folds: dict[str, int], image_id: str) -> tuple[list, str]:
+    """The model(s) to map ``image_id`` with: its out-of-fold model if known, else the ensemble."""
+    k = folds.get(image_id)
+    if k is not None and 0 <= k < len(models):
+        return [models[k]], f"fold {k} model (out of fold)"
+    return models, "fold ensemble"
+
+
+def _classifier_sections(card, url: str, archive: Archive | None, w: _Writer, names: list[str]) -> dict:
+    sec = {"url": url, "version": card.version, "architecture": card.architecture, "folds": card.folds,
+           "input_size": f"{card.input_size[0]}x{card.input_size[1]}"}
+    auc = card.metrics.get("oof_auc", {})
+    sec["auc"] = [{"name": f"{card.architecture}, out of fold ({card.folds} folds)",
+                   "values": [auc.get(str(c)) for c in card.class_ids],
+                   "mean": card.metrics.get("oof_auc_mean")}]
+    for f in card.metrics.get("folds", []):
+        vals = list(f.get("auc", []))
+        sec["auc"].append({"name": f"fold {f['fold']} (its validation images)", "values": vals,
+                           "mean": float(np.nanmean(vals)) if vals else None})
+    if archive is not None:
+        try:
+            import pyarrow.parquet as pq
+
+            fs, path = io.filesystem(io.join(url, "oof.parquet"))
+            with fs.open(path, "rb") as f:
+                oof = pq.read_table(f).to_pydict()
+            idx = {iid: i for i, iid in enumerate(oof["image_id"])}
+            common = [iid for iid in archive.image_ids if iid in idx]
+            if len(common) >= 2:
+                probs = np.array([[oof[f"prob_{c}"][idx[i]] for c in card.class_ids] for i in common])
+                labels = archive.labels[[archive.index(i) for i in common]]
+                sec["roc_png"] = w.png("roc", plots.roc_curves(labels, probs, names,
+                                                               f"out-of-fold ROC, {len(common)} images"))
+        except FileNotFoundError:
+            pass
+    cam = card.metrics.get("cam_oof")
+    if cam:
+        sec["table2"] = _rows_table(cam, names)
+    return sec
+
+
+def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict, names: list[str]):
+    """Rows of Table 3 (name -> DiceScores or card dict) and the stored masks' pair Dice."""
+    true_area = archive.true_areas()
+    shape = archive.image_shape(archive.image_ids[0])
+    pair, store_dice = {}, None
+    if store_url:
+        from .seg_eval import store_pair_dice
+
+        store_dice = store_pair_dice(store_url, archive, true_area)
+        pair["CAM pseudo-masks as stored"] = store_dice
+    rows: dict = dict(metrics.dice_with_baselines(pair, true_area, shape[0] * shape[1]))
+    if model_card is not None:
+        for n, r in model_card.metrics.get("cam_oof", {}).items():
+            if n.startswith("GradCAM++ + SWA + aug smooth, tuned (per class)"):
+                rows["CAM masks out of fold, tuned per class (classifier card)"] = r
+    for url, card in seg_cards.items():
+        for n, r in card.metrics.get("seg_oof", {}).items():
+            rows[n] = r
+    # baselines last, as in the printed tables
+    order = [k for k in rows if not k.startswith("baseline")] + [k for k in rows if k.startswith("baseline")]
+    return {k: rows[k] for k in order}, store_dice
+
+
+def _sweeps(model_card, seg_cards: dict) -> dict:
+    curves = {}
+    if model_card is not None and model_card.metrics.get("cam_oof_sweep"):
+        curves["CAM (GradCAM++ + SWA + aug smooth), out of fold"] = model_card.metrics["cam_oof_sweep"]
+    for url, card in seg_cards.items():
+        if card.metrics.get("seg_oof_sweep"):
+            curves[f"segmenter {url.rstrip('/').rsplit('/', 1)[-1]}, out of fold"] = card.metrics["seg_oof_sweep"]
+    return curves
+
+
+def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_models, seg_models, store_dice,
+             examples: int, w: _Writer, device, log) -> list[dict]:
+    """Per class, the picked images as rows of captioned panels."""
+    from .cam import compute_cams
+    from .segmenter import predict_maps
+
+    t = table.to_pydict()
+    rows = {(i, c): (e, s, h, wd) for i, c, e, s, h, wd in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
+                                                                t["score"], t["height"], t["width"])}
+    class_ids = sorted({c for _, c in rows})
+    has_truth = archive is not None and archive.has_masks
+    out = []
+    for k, cid in enumerate(class_ids):
+        if has_truth and store_dice is not None:
+            ta = archive.true_areas()
+            col = archive.class_ids.index(cid)
+            cand = [i for i in range(len(archive)) if ta[i, col] > 0 and (archive.image_ids[i], cid) in rows]
+            ids = [archive.image_ids[i] for i in cand]
+            values = store_dice[cand, col] if cand else np.zeros(0)
+            how = "Dice of the stored pseudo-mask against the true mask"
+        else:
+            ids = sorted(i for (i, c), r in rows.items() if c == cid and r[0])
+            values = np.array([rows[(i, cid)][1] for i in ids])
+            how = "class score (no true masks: most confident, typical and least confident masked images)"
+        picks = pick_examples(values, examples)
+        section = {"class_id": cid, "how": how, "candidates": len(ids), "examples": []}
+        for j, (p, label) in enumerate(picks):
+            iid = ids[p]
+            url = archive.image_url(iid) if archive is not None else io.join(images_prefix, io.check_key(iid))
+            img = io.decode_image(io.read_bytes(url))
+            img = np.array(img if img.ndim == 2 else data.prepare(img, img.shape[:2]))  # writable, for torch
+            h, wd = img.shape[:2]
+            enc, score, _, _ = rows[(iid, cid)]
+            pseudo = rle.decode(enc, h, wd) if enc else np.zeros((h, wd), bool)
+            color = overlay.CLASS_COLORS[(cid - 1) % len(overlay.CLASS_COLORS)]
+            truth = archive.masks(iid, (h, wd))[archive.class_ids.index(cid)] if has_truth else None
+            panels = [("image", img)]
+            if truth is not None:
+                panels.append((f"true mask ({int(truth.sum())} px)", overlay.mask_overlay(img, truth, color)))
+            if cls_models is not None:
+                card, models, folds = cls_models
+                chosen, which = _oof(models, folds, iid)
+                x = data.to_input(data.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
+                method = card.postprocess.get("method", "gradcam++")
+                aug = card.postprocess.get("aug_smooth", True)
+                cams, probs = compute_cams(chosen, x, method, aug, out_size=(h, wd))
+                kc = card.class_ids.index(cid)
+                panels.append((f"{method}{' + aug smooth' if aug else ''} heatmap, {which}, class probability "
+                               f"{float(probs[0, kc]):.2f}", overlay.heatmap_overlay(img, cams[0, kc].cpu().numpy())))
+            cap = f"pseudo-mask in the store ({int(pseudo.sum())} px, score {score:.2f}"
+            if truth is not None:
+                cap += f", Dice {float(metrics.dice(pseudo, truth)):.2f}"
+            panels.append((cap + ")", overlay.mask_overlay(img, pseudo, color)))
+            for name, (card, models, folds) in (seg_models or {}).items():
+                chosen, which = _oof(models, folds, iid)
+                x = data.to_input(data.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
+                maps, sc = predict_maps(chosen, x, (h, wd))
+                kc = card.class_ids.index(cid)
+                pp = PostProcess.model_validate(card.postprocess or {"confidence": 0.0, "threshold": 0.2})
+                m = apply(maps.cpu().numpy(), sc.cpu().numpy(), pp)[0, kc]
+                cap = f"segmenter {name}, {which} ({int(m.sum())} px"
+                if truth is not None:
+                    cap += f", Dice {float(metrics.dice(m, truth)):.2f}"
+                panels.append((cap + ")", overlay.mask_overlay(img, m, color)))
+            files = [(caption, w.png(f"gallery-c{cid}-{j}-{n}", pic)) for n, (caption, pic) in enumerate(panels)]
+            section["examples"].append({"label": label, "image_id": iid, "value": float(values[p]), "panels": files})
+        log(f"  gallery: class {cid}, {len(picks)} of {len(ids)} images")
+        out.append(section)
+    return out
+
+
+def build_report(out: str, *, archive: str | None = None, store_url: str | None = None, model: str | None = None,
+                 segmenters: list[str] | tuple = (), examples: int = 3, device=None, log=None) -> ReportSummary:
+    """Write ``out/index.html`` and ``out/img/*.png`` from whatever is given (see module doc).
+
+    ``model`` defaults to the classifier that wrote the store's newest run; gallery images are
+    read from ``archive`` if given, else from the store's recorded image prefix.
+    """
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if not (store_url or model or segmenters):
+        raise ValueError("give at least one of --store, --model, --segmenter")
+    if examples < 0:
+        raise ValueError(f"examples must be >= 0, got {examples}")
+    t0 = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    w = _Writer(out)
+    arch = Archive.open(archive) if archive else None
+    runs = store.committed_runs(store_url) if store_url else []
+    if store_url and not runs:
+        raise store.StoreError(f"{store_url} holds no committed labeling run")
+    newest = runs[-1] if runs else {}
+    if model is None and newest.get("model_kind", "classifier") == "classifier" and newest.get("model"):
+        model = newest["model"]
+    model_card = None
+    if model:
+        try:
+            model_card = load_card(model)
+        except ArtifactError as e:
+            if store_url is None:
+                raise
+            log(f"  leaving out the classifier sections: {e}")
+            model = None
+    if model_card is not None and model_card.kind != "classifier":
+        raise ArtifactError(f"{model} holds a {model_card.kind}; pass segmenters with --segmenter")
+    seg_cards = {}
+    for url in segmenters:
+        card = load_card(url)
+        if card.kind != "segmenter":
+            raise ArtifactError(f"{url} holds a {card.kind}, not a segmenter")
+        seg_cards[url] = card
+    class_ids = (arch.class_ids if arch is not None else model_card.class_ids if model_card is not None
+                 else next(iter(seg_cards.values())).class_ids)
+    names = [f"class {c}" for c in class_ids]
+    ctx: dict = {"version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "names": names, "inputs": [], "fmt": _fmt, "notes": []}
+    if arch is not None:
+        ctx["inputs"].append(("archive", arch.source, f"{len(arch)} images, "
+                              + ("true masks" if arch.has_masks else "image-level labels only")))
+    if store_url:
+        ctx["inputs"].append(("label store", store_url, f"{len(runs)} committed run(s); newest {newest['run_id']} "
+                              f"by {newest.get('model_kind', 'classifier')} {newest.get('model_version', '?')}"))
+    if model_card is not None:
+        ctx["inputs"].append(("classifier", model, f"{model_card.architecture}, version {model_card.version}"))
+    for url, card in seg_cards.items():
+        ctx["inputs"].append(("segmenter", url, f"{card.head.get('architecture', 'Unet')} with {card.architecture}, "
+                              f"trained on {card.training.get('masks', '?')}, version {card.version}"))
+    sections = []
+    if model_card is not None:
+        log("report: classifier sections")
+        ctx["classifier"] = _classifier_sections(model_card, model, arch, w, names)
+        sections.append("ROC-AUC")
+        if "table2" in ctx["classifier"]:
+            sections.append("Table 2")
+        else:
+            ctx["notes"].append(f"no CAM Dice ablation: run `cam2seg evaluate --model {model} --truth ARCHIVE` first")
+    store_dice, table = None, None
+    if arch is not None and arch.has_masks and (store_url or seg_cards):
+        log("report: Table 3")
+        rows, store_dice = _table3(arch, store_url, model_card, seg_cards, names)
+        ctx["table3"] = _rows_table(rows, names)
+        ctx["table3_png"] = w.png("dice-per-class", plots.dice_bars(
+            {r["name"]: [p for _, p in r["classes"]] for r in ctx["table3"]}, names,
+            "positive-pair Dice per class", "Dice (images with the defect)"))
+        sections.append("Table 3")
+        missing = [u for u, c in seg_cards.items() if "seg_oof" not in c.metrics]
+        if missing:
+            ctx["notes"].append("segmenters not yet evaluated (no out-of-fold rows): " + ", ".join(missing))
+    elif arch is None or not arch.has_masks:
+        ctx["notes"].append("no true masks given: Dice tables are left out; scores and pictures only")
+    curves = _sweeps(model_card, seg_cards)
+    if curves:
+        objective = next(iter(curves.values())).get("objective", "kaggle")
+        ylabel = "mean Dice (all pairs)" if objective == "kaggle" else "Dice (positive pairs)"
+        ctx["sweep_png"] = w.png("threshold-sweep", plots.threshold_sweep(curves, names, ylabel))
+        ctx["sweep_objective"] = objective
+        sections.append("threshold sweep")
+    if store_url:
+        table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "score", "height",
+                                                     "width"])
+        t = table.to_pydict()
+        ids = sorted(set(t["image_id"]))
+        pos = {iid: i for i, iid in enumerate(ids)}
+        scores = np.full((len(ids), len(class_ids)), np.nan, np.float32)
+        for iid, c, s in zip(t["image_id"], t["class_id"], t["score"]):
+            if c in class_ids:
+                scores[pos[iid], class_ids.index(c)] = s
+        labels = None
+        if arch is not None and set(ids) <= set(arch.image_ids):
+            labels = arch.labels[[arch.index(i) for i in ids]].astype(bool)
+        ctx["scores_png"] = w.png("scores", plots.score_histograms(
+            np.nan_to_num(scores), names, labels, f"class scores of {len(ids)} labelled images"))
+        sections.append("score distributions")
+        if examples:
+            log("report: gallery")
+            cls = _load_classifier(model, dev) if model_card is not None else None
+            segs = {}
+            from .segmenter import load_segmenters
+
+            for url in seg_cards:
+                c, m = load_segmenters(url, dev)
+                segs[url.rstrip("/").rsplit("/", 1)[-1]] = (c, m, _folds_of(url))
+            ctx["gallery"] = _gallery(arch, newest.get("images"), table, cls, segs, store_dice, examples, w, dev, log)
+            sections.append("gallery")
+    else:
+        ctx["notes"].append("no label store given: no score distributions or gallery")
+    env = Environment(loader=PackageLoader("cam2seg", "templates"), autoescape=select_autoescape(["html"]))
+    page = env.get_template("report.html").render(**ctx)
+    html_url = io.join(out, REPORT_FILE)
+    io.write_bytes(html_url, page.encode())
+    return ReportSummary(out=out, html=html_url, images=w.files, sections=sections,
+                         seconds=time.perf_counter() - t0)
+

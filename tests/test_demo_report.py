@@ -1,0 +1,213 @@
+"""The demo's quick preset end to end on a real local Ray cluster, the report it writes (checked
+in headless Chromium when it is installed) and the report on partial inputs."""
+
+import contextlib
+import io as _io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam2seg import cli, overlay, store
+from cam2seg.archive import Archive
+from cam2seg.artifact import load_card
+from cam2seg.demo import PRESETS, paths
+from cam2seg.report import build_report, pick_examples
+
+pytestmark = pytest.mark.slow
+
+
+def _run_cli(argv) -> tuple[int, str]:
+    buf = _io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import ray
+
+    work = tmp_path_factory.mktemp("demo") / "run"
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        rc, out = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        card_before = load_card(paths(str(work))["classifier"]).version
+        rc2, out2 = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+    finally:
+        ray.shutdown()
+    return {"work": work, "rc": rc, "out": out, "rc2": rc2, "out2": out2, "p": paths(str(work)),
+            "card_before": card_before}
+
+
+def test_demo_runs_every_stage(demo):
+    assert demo["rc"] == 0, demo["out"][-3000:]
+    out, p = demo["out"], demo["p"]
+    for n in range(1, 9):
+        assert f"== [{n}/8]" in out
+    assert "paper's Table 2" in out and "paper's Table 3" in out
+    assert re.search(r"== done in [\d.]+ min", out)
+    arch = Archive.open(p["archive"])
+    assert len(arch) == PRESETS["quick"]["synth"]["images"]
+    card = load_card(p["classifier"])
+    assert set(card.metrics["oof_auc"]) == {"1", "2", "3", "4"}
+    assert "cam_oof" in card.metrics and card.metrics["cam_oof_sweep"]["objective"] == "positive"
+    sweep = card.metrics["cam_oof_sweep"]
+    assert len(sweep["dice"]) == 4 and all(len(d) == len(sweep["threshold"]) for d in sweep["dice"])
+    runs = store.committed_runs(p["store"])
+    assert runs[-1]["complete"] and runs[-1]["model_version"] == card.version
+    masks = store.read_masks(p["store"], columns=["image_id", "class_id"])
+    assert masks.num_rows == len(arch) * 4
+    for seg, masks_src in ((p["segmenter"], p["store"]), (p["segmenter_truth"], "truth")):
+        sc = load_card(seg)
+        assert sc.kind == "segmenter" and sc.training["masks"] == masks_src
+        assert sc.metrics["seg_oof"] and sc.metrics["seg_oof_sweep"]["dice"]
+        assert sc.head["decoder_channels"] == PRESETS["quick"]["segmenter"]["decoder_channels"]
+
+
+def test_demo_rerun_resumes_without_redoing_work(demo):
+    assert demo["rc2"] == 0, demo["out2"][-3000:]
+    out = demo["out2"]
+    assert "archive already present" in out
+    assert "already holds this model" in out
+    assert out.count("already holds this segmenter") == 2
+    assert "already evaluated" in out
+    assert "labeled now: 0;" in out  # incremental: the same model version labeled everything already
+    assert load_card(demo["p"]["classifier"]).version == demo["card_before"]
+
+
+def test_demo_refuses_a_workdir_of_other_settings(demo, tmp_path):
+    work = tmp_path / "other"
+    shutil.copytree(demo["p"]["archive"], work / "archive")
+    meta = json.loads((work / "archive" / "synth.json").read_text())
+    meta["images"] += 1
+    (work / "archive" / "synth.json").write_text(json.dumps(meta))
+    rc, _ = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+    assert rc == 2
+    assert not (work / "classifier").exists()
+
+
+def _report_images(html_path: Path) -> list[str]:
+    return re.findall(r'<img[^>]* src="([^"]+)"', html_path.read_text())
+
+
+def test_report_html_and_pictures(demo):
+    html = Path(demo["p"]["report"]) / "index.html"
+    text = html.read_text()
+    for heading in ("ROC-AUC per class", "Dice ablation", "Table 3", "Threshold sweep", "Score distributions",
+                    "Gallery"):
+        assert heading in text
+    srcs = _report_images(html)
+    assert len(srcs) >= 5
+    for src in srcs:
+        assert not src.startswith(("/", "http")) and ".." not in src  # relative, inside the report folder
+        with Image.open(html.parent / src) as im:
+            im.verify()
+    # gallery rows carry every panel kind for at least one example
+    for panel in ("true mask", "heatmap", "pseudo-mask in the store", "segmenter segmenter,",
+                  "segmenter segmenter-truth,"):
+        assert panel in text, panel
+    # the demo's COCO file loads in pycocotools, lowest confidence first
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(_io.StringIO()):
+        coco = COCO(demo["p"]["coco"])
+    imgs = sorted(coco.dataset["images"], key=lambda i: i["id"])
+    assert len(imgs) == PRESETS["quick"]["synth"]["images"]
+    conf = [i["cam2seg_confidence"] for i in imgs]
+    assert conf == sorted(conf)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  const el = document.createElement("pre");
+  el.id = "imgcheck";
+  el.textContent = "loaded " + (imgs.length - bad.length) + " of " + imgs.length + (bad.length ? " broken: " + bad.join(",") : "");
+  document.body.appendChild(el);
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium); "
+                                              ".ci/run installs it")
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    html = Path(demo["p"]["report"]) / "index.html"
+    probe = html.parent / "_chromium_check.html"
+    probe.write_text(html.read_text().replace("</body>", _CHECK))
+    try:
+        res = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+             probe.as_uri()], capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    m = re.search(r'<pre id="imgcheck">([^<]*)</pre>', res.stdout)
+    assert m, f"no result from Chromium (rc {res.returncode}): {res.stderr[-1500:]}"
+    n = len(_report_images(html))
+    assert m.group(1) == f"loaded {n} of {n}", m.group(1)
+
+
+def test_report_without_true_masks_shows_scores_and_pictures_only(demo, tmp_path):
+    p = demo["p"]
+    out = tmp_path / "rep"
+    # labels.csv alone: image-level labels, no masks
+    s = build_report(str(out), archive=str(Path(p["archive"]) / "labels.csv"), store_url=p["store"], examples=2,
+                     log=lambda m: None)
+    text = (out / "index.html").read_text()
+    assert "Table 3" not in text and "true mask (" not in text
+    assert "no true masks given" in text and "class score" in text
+    assert "gallery" in s.sections and "score distributions" in s.sections
+    for src in _report_images(out / "index.html"):
+        assert (out / src).is_file()
+
+
+def test_report_from_store_alone_finds_images_and_model(demo, tmp_path):
+    out = tmp_path / "rep"
+    s = build_report(str(out), store_url=demo["p"]["store"], log=lambda m: None)
+    assert {"ROC-AUC", "gallery"} <= set(s.sections)
+    text = (out / "index.html").read_text()
+    assert "heatmap" in text and "Table 3" not in text
+
+
+def test_report_cli_errors(tmp_path):
+    rc, _ = _run_cli(["report", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    rc, _ = _run_cli(["report", "--out", str(tmp_path / "r"), "--store", str(tmp_path / "nothing")])
+    assert rc == 2
+    assert not (tmp_path / "r" / "index.html").exists()
+
+
+def test_pick_examples():
+    v = np.array([0.2, 0.9, 0.5, 0.1, 0.7])
+    assert pick_examples(v, 3) == [(1, "best"), (2, "typical"), (3, "worst")]
+    assert pick_examples(v[:1], 3) == [(0, "best")]
+    assert pick_examples(np.zeros(0), 3) == []
+    assert [i for i, _ in pick_examples(v, 5)] == [1, 4, 2, 0, 3]
+
+
+def test_overlays_keep_size_and_mark_the_mask():
+    img = np.full((20, 60), 100, np.uint8)
+    mask = np.zeros((20, 60), bool)
+    mask[5:10, 10:30] = True
+    out = overlay.mask_overlay(img, mask, (255, 0, 0))
+    assert out.shape == (20, 60, 3) and out.dtype == np.uint8
+    assert (out[~mask] == 100).all()  # outside the mask (and its outline, drawn inside it) untouched
+    assert (out[mask][:, 0] > out[mask][:, 1]).all()
+    cam = np.linspace(0, 1, 60)[None, :].repeat(20, 0)
+    heat = overlay.heatmap_overlay(img, cam)
+    assert heat.shape == (20, 60, 3)
+    assert heat[:, -1, 0].mean() > heat[:, 0, 0].mean()  # hot end is red
+    assert overlay.stack_panels([out, heat]).shape == (44, 60, 3)
+    with pytest.raises(ValueError, match="does not match"):
+        overlay.mask_overlay(img, mask[:10])
