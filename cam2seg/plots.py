@@ -27,7 +27,8 @@ def png(fig) -> bytes:
 
 def dice_bars(rows: dict[str, np.ndarray], class_names: list[str], title: str, ylabel: str) -> bytes:
     """Grouped bars: one group per class, one bar per row (``name -> float[C]``, NaN drawn as 0)."""
-    fig = _figure(max(6.0, 1.6 * len(class_names) + 2), 4.2)
+    # row names are long (a segmenter's recipe): the legend goes under the axes, one per line
+    fig = _figure(max(6.0, 1.6 * len(class_names) + 2), 3.6 + 0.2 * len(rows))
     ax = fig.add_subplot()
     n = max(1, len(rows))
     width = 0.8 / n
@@ -40,7 +41,7 @@ def dice_bars(rows: dict[str, np.ndarray], class_names: list[str], title: str, y
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.legend(loc="outside lower center", fontsize=7, ncols=1)
     return png(fig)
 
 

@@ -180,7 +180,7 @@ def _sweeps(model_card, seg_cards: dict) -> dict:
         curves["CAM (GradCAM++ + SWA + aug smooth), out of fold"] = model_card.metrics["cam_oof_sweep"]
     for url, card in seg_cards.items():
         if card.metrics.get("seg_oof_sweep"):
-            curves[f"segmenter {url.rstrip('/').rsplit('/', 1)[-1]}, out of fold"] = card.metrics["seg_oof_sweep"]
+            curves[f"{url.rstrip('/').rsplit('/', 1)[-1]}: segmenter, out of fold"] = card.metrics["seg_oof_sweep"]
     return curves
 
 

@@ -109,9 +109,19 @@ def test_load_config_precedence_and_validation(tmp_path):
         load_config(str(p))
 
 
-def test_demo_makes_archive_and_reuses_it(tmp_path):
-    r = run("demo", "--workdir", str(tmp_path / "w"), "--images", "20", "--height", "32", "--width", "128")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "w" / "archive" / "train.csv").exists()
-    r = run("demo", "--workdir", str(tmp_path / "w"), "--images", "20", "--height", "32", "--width", "128")
-    assert r.returncode == 0 and "reusing" in r.stdout
+def test_demo_preset_file_and_unknown_preset(tmp_path):
+    # a preset is the base, the config file overrides it key by key, unknown keys are still refused
+    from cam2seg.demo import PRESETS
+
+    p = tmp_path / "c.yaml"
+    p.write_text("classifier:\n  epochs: 3\n")
+    cfg = load_config(str(p), base=PRESETS["small"])
+    assert cfg.classifier.epochs == 3 and cfg.classifier.encoder == PRESETS["small"]["classifier"]["encoder"]
+    assert cfg.segmenter.decoder_channels == PRESETS["small"]["segmenter"]["decoder_channels"]
+    p.write_text("classifier:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="epoch"):
+        load_config(str(p), base=PRESETS["small"])
+    r = run("demo", "--workdir", str(tmp_path / "w"), "--preset", "huge")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert not (tmp_path / "w").exists()
+
