@@ -195,10 +195,10 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
                                                                 t["score"], t["height"], t["width"])}
     class_ids = sorted({c for _, c in rows})
     has_truth = archive is not None and archive.has_masks
+    ta = archive.true_areas() if has_truth and store_dice is not None else None
     out = []
-    for k, cid in enumerate(class_ids):
-        if has_truth and store_dice is not None:
-            ta = archive.true_areas()
+    for cid in class_ids:
+        if ta is not None:
             col = archive.class_ids.index(cid)
             cand = [i for i in range(len(archive)) if ta[i, col] > 0 and (archive.image_ids[i], cid) in rows]
             ids = [archive.image_ids[i] for i in cand]
