@@ -31,6 +31,7 @@ from .archive import Archive
 from .artifact import ArtifactError, load_card
 from .folds import FOLDS_FILE, load_folds
 from .postprocess import PostProcess, apply
+from .seg_eval import store_pair_dice, tuned_cam_row
 
 __all__ = ["build_report", "pick_examples", "ReportSummary", "REPORT_FILE"]
 
@@ -157,15 +158,12 @@ def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict
     shape = archive.image_shape(archive.image_ids[0])
     pair, store_dice = {}, None
     if store_url:
-        from .seg_eval import store_pair_dice
-
         store_dice = store_pair_dice(store_url, archive, true_area)
         pair["CAM pseudo-masks as stored"] = store_dice
     rows: dict = dict(metrics.dice_with_baselines(pair, true_area, shape[0] * shape[1]))
-    if model_card is not None:
-        for n, r in model_card.metrics.get("cam_oof", {}).items():
-            if n.startswith("GradCAM++ + SWA + aug smooth, tuned (per class)"):
-                rows["CAM masks out of fold, tuned per class (classifier card)"] = r
+    cam_row = tuned_cam_row(model_card) if model_card is not None else None
+    if cam_row is not None:
+        rows["CAM masks out of fold, tuned per class (classifier card)"] = cam_row
     for url, card in seg_cards.items():
         for n, r in card.metrics.get("seg_oof", {}).items():
             rows[n] = r

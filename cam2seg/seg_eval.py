@@ -26,7 +26,7 @@ from .folds import FOLDS_FILE, load_folds
 from .postprocess import PostProcess
 from .segmenter import load_segmenters, predict_maps
 
-__all__ = ["oof_seg_stats", "store_pair_dice", "evaluate_segmenters", "PAPER_SEG"]
+__all__ = ["oof_seg_stats", "store_pair_dice", "evaluate_segmenters", "tuned_cam_row", "PAPER_SEG"]
 
 PAPER_SEG = PostProcess(confidence=0.0, threshold=0.2, min_seg_len=0)
 
@@ -62,17 +62,23 @@ def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> 
     return metrics.dice_from_counts(inter, p_area, true_area)
 
 
+def tuned_cam_row(card) -> dict | None:
+    """Table 2's tuned per-class row as a classifier card recorded it (kaggle/positive scores
+    as plain lists), or None before ``cam2seg evaluate`` wrote it."""
+    rows = card.metrics.get("cam_oof", {})
+    name = next((n for n in rows if n.startswith("GradCAM++ + SWA + aug smooth, tuned (per class)")), None)
+    return rows[name] if name is not None else None
+
+
 def _card_cam_row(model_url: str) -> tuple[str, metrics.DiceScores] | None:
-    """Table 2's tuned per-class row as the classifier's card recorded it, if evaluated."""
+    """:func:`tuned_cam_row` of the classifier at ``model_url`` as a named table row, if evaluated."""
     try:
         card = load_card(model_url)
     except Exception:  # noqa: BLE001 - an unreadable card just leaves the row out
         return None
-    rows = card.metrics.get("cam_oof", {})
-    name = next((n for n in rows if n.startswith("GradCAM++ + SWA + aug smooth, tuned (per class)")), None)
-    if name is None:
+    r = tuned_cam_row(card)
+    if r is None:
         return None
-    r = rows[name]
     return (f"CAM masks OOF, tuned per class (from {model_url}'s card)",
             metrics.DiceScores(np.asarray(r["kaggle"]), np.asarray(r["positive"]), r["kaggle_mean"],
                                r["positive_mean"], 0, np.zeros(len(r["kaggle"]), int)))
