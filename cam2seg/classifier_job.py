@@ -23,8 +23,8 @@ from .classifier import create_classifier
 from .config import ClassifierConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .folds import make_folds
-from .fold_runner import RUNTIME_ONLY, done_url, fold_done, gpus_per_worker, run_folds
-from .raycluster import ensure_ray
+from .fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
+from .raycluster import ensure_ray, gpus_or_auto
 from .train_classifier import OOF_FILE, SWA_FILE, train_fold_loop
 from .training import FINAL_FILE
 
@@ -63,7 +63,7 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     folds = make_folds(archive.labels, cfg.folds, cfg.seed)
     work = io.join(out, "_train", key)
     ensure_ray()
-    gpus = gpus_per_worker(cfg.gpus_per_worker)
+    gpus = gpus_or_auto(cfg.gpus_per_worker, log)
     urls = [archive.image_url(i) for i in archive.image_ids]
     configs = {}
     for k in range(cfg.folds):

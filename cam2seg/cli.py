@@ -97,6 +97,17 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_nightly(args) -> int:
+    from .config import load_config
+    from .nightly import run_nightly
+
+    over = {"model": args.model, "images": args.images, "store": args.out, "retrain_after": args.retrain_after,
+            "data": args.data, "segmenter": args.segmenter}
+    cfg = load_config(args.config, {"nightly": over})
+    print(run_nightly(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    return 0
+
+
 def cmd_train_segmenter(args) -> int:
     from .config import load_config
     from .segmenter_job import train_segmenter
@@ -121,10 +132,14 @@ def cmd_evaluate(args) -> int:
         _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=args.objective,
                                  batch_size=args.batch_size, guided=not args.no_guided)
         print(table)
+        if not args.no_write:
+            print(f"wrote Table 2 and the tuned thresholds to {args.model}/model.json")
     if args.store or args.segmenter:
         _, table = evaluate_segmenters(args.truth, args.segmenter or [], args.store, objective=args.objective,
                                        write=not args.no_write, batch_size=args.batch_size)
         print(table)
+        if args.segmenter and not args.no_write:
+            print("wrote out-of-fold Dice and tuned thresholds to " + ", ".join(f"{s}/model.json" for s in args.segmenter))
     return 0
 
 
@@ -200,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="gradcam, gradcam++ (default), guided-gradcam, guided-gradcam++")
     _add_config(p)
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("nightly", help="label the images that arrived since the last run; optionally retrain the "
+                       "segmenter (for a nightly schedule)")
+    p.add_argument("--model", metavar="MODEL", help="the labeling model: classifier or segmenter artifact "
+                   "(or the config's nightly.model)")
+    p.add_argument("--images", metavar="PREFIX", help="where new images arrive (or nightly.images)")
+    p.add_argument("--out", metavar="STORE", help="the label store (or nightly.store)")
+    p.add_argument("--retrain-after", type=int, metavar="N",
+                   help="retrain the segmenter once N images were labeled since its training (default 0: never)")
+    p.add_argument("--data", metavar="ARCHIVE", help="for retraining: the image-level labels of the images")
+    p.add_argument("--segmenter", metavar="SEG", help="for retraining: the segmenter artifact to (re)write")
+    _add_config(p)
+    p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("train-segmenter", help="stage 3: K fold U-Nets on pseudo-masks (or true masks), Ray Train")
     p.add_argument("--data", required=True, metavar="ARCHIVE", help="archive folder or CSV (image-level labels)")

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import io
 
-__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig", "Config", "load_config", "parse_size"]
+__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig", "NightlyConfig", "Config",
+           "load_config", "parse_size"]
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,23 @@ class SegmenterConfig(_FoldTraining):
     swa_epochs: int = Field(1, ge=1, description="average the weights of this many best epochs (by validation loss)")
 
 
+class NightlyConfig(_Section):
+    """``cam2seg nightly``: label what arrived since the last run; optionally retrain the segmenter.
+
+    The paths may live here (one config file is then the whole job) or come as flags.
+    """
+
+    model: str | None = Field(None, description="the model that labels: a classifier artifact (CAM masks) or a "
+                              "segmenter artifact (its masks)")
+    images: str | None = Field(None, description="folder or s3:// prefix where new images arrive")
+    store: str | None = Field(None, description="the label store the runs commit to")
+    retrain_after: int = Field(0, ge=0, description="retrain the segmenter once this many images have been labeled "
+                               "since it was trained (0: never, the default)")
+    data: str | None = Field(None, description="for retraining: the archive (or labels CSV) with the image-level "
+                             "labels of the labeled images; its train_images/ must be ``images``")
+    segmenter: str | None = Field(None, description="for retraining: the segmenter artifact to (re)write")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256x1600' -> (256, 1600) (height x width)."""
     try:
@@ -150,6 +168,7 @@ class Config(_Section):
     classifier: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
+    nightly: NightlyConfig = NightlyConfig()
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,

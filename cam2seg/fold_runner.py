@@ -21,10 +21,9 @@ import time
 from typing import Callable
 
 from . import io
-from .raycluster import cluster_gpus
 from .training import FINAL_FILE
 
-__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "gpus_per_worker"]
+__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url"]
 
 # Settings that change how a run executes but not what it learns: they stay out of run keys.
 RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
@@ -41,13 +40,6 @@ def _storage(url: str):
     import pyarrow.fs as pafs
 
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def gpus_per_worker(explicit: float | None) -> float:
-    """The configured GPUs per worker, or 1 when the cluster has GPUs and 0 otherwise."""
-    if explicit is not None:
-        return explicit
-    return 1.0 if cluster_gpus() >= 1 else 0.0
 
 
 def done_url(work: str, fold: int) -> str:

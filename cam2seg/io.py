@@ -41,9 +41,17 @@ class ImageDecodeError(ValueError):
     """An image file that cannot become a uint8 array; the message is the reason."""
 
 
-def filesystem(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for any fsspec URL or local path."""
+def filesystem(url: str, fresh: bool = False, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for any fsspec URL or local path.
+
+    ``fresh``: forget cached listings of the path first. fsspec keeps one filesystem per process
+    and s3fs caches directory listings in it, so a long-lived process would not see images or
+    commits other processes wrote since its last listing (and could take committed parts for
+    leftovers). Every listing that decides what to do asks for a fresh one.
+    """
     fs, path = fsspec.core.url_to_fs(str(url), **storage_options)
+    if fresh:
+        fs.invalidate_cache(path)
     return fs, path
 
 
@@ -88,7 +96,7 @@ def list_images(prefix: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, **sto
     One recursive listing call (a paginated ListObjectsV2 on S3, a directory walk locally),
     filtered by extension case-insensitively. Raises FileNotFoundError for a missing prefix.
     """
-    fs, root = filesystem(prefix, **storage_options)
+    fs, root = filesystem(prefix, fresh=True, **storage_options)
     root = root.rstrip("/")
     if not fs.exists(root):
         raise FileNotFoundError(f"image prefix not found: {prefix}")
@@ -111,7 +119,7 @@ def read_bytes(url: str, **storage_options) -> bytes:
 
 
 def exists(url: str, **storage_options) -> bool:
-    fs, path = filesystem(url, **storage_options)
+    fs, path = filesystem(url, fresh=True, **storage_options)
     return fs.exists(path)
 
 

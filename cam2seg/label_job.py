@@ -193,8 +193,9 @@ class LabelSummary(dict):
     def __str__(self) -> str:
         pos = ", ".join(f"class {k}: {v}" for k, v in self["positives"].items())
         return (f"run {self['run_id']} committed to {self['store']}\n"
-                f"  images listed under {self['images']}: {self['listed']}; already labeled by model "
-                f"{self['model_version']}: {self['skipped']}; labeled now: {self['labeled']}; "
+                f"  images listed under {self['images']}: {self['listed']}; already labeled by "
+                f"{'any model' if self.get('new_only') else 'model ' + self['model_version']}: {self['skipped']}; "
+                f"labeled now: {self['labeled']}; "
                 f"errors: {self['errors']}\n"
                 f"  {self['labeled'] + self['errors']} / {self['to_do']} processed "
                 f"in {self['seconds']:.1f}s ({self['images_per_s']:.2f} images/s)\n"
@@ -203,16 +204,18 @@ class LabelSummary(dict):
 
 
 def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig | None = None, *,
-                  incremental: bool = False, relabel: bool = False, log=None) -> LabelSummary:
+                  incremental: bool = False, relabel: bool = False, new_only: bool = False,
+                  log=None) -> LabelSummary:
     """Label every image under ``images`` into the store at ``store_url`` (see module doc).
 
-    ``incremental``: skip images a committed run labeled with this model version (``relabel``
-    overrides it). Holds the store's lease for the whole run.
+    ``incremental``: skip images a committed run labeled with this model version; ``new_only``:
+    skip images a committed run labeled with any model (the nightly run's rule). ``relabel``
+    overrides both. Holds the store's lease for the whole run.
     """
     import ray
 
     from .artifact import load_card
-    from .raycluster import cluster_gpus, ensure_ray
+    from .raycluster import cluster_gpus, ensure_ray, gpus_or_auto
 
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
@@ -227,18 +230,21 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
         removed = store.remove_uncommitted(store_url)
         if removed:
             log(f"removed {removed} uncommitted part(s) left by an earlier crashed run")
-        done = store.labeled_ids(store_url, card.version) if incremental and not relabel else set()
+        skip = (incremental or new_only) and not relabel
+        done = store.labeled_ids(store_url, None if new_only else card.version) if skip else set()
         todo = [k for k in keys if k not in done]
-        log(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by model {card.version}; "
+        by = "a model" if new_only else f"model {card.version}"
+        log(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by {by}; "
             f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
-        marker = {"model": model_url, "model_kind": card.kind, "model_version": card.version, "images": images, "listed": len(keys),
-                  "to_do": len(todo), "start": store.now(), "complete": False, "incremental": incremental,
+        marker = {"model": model_url, "model_kind": card.kind, "model_version": card.version, "images": images,
+                  "listed": len(keys), "to_do": len(todo), "start": store.now(), "complete": False,
+                  "incremental": "new-only" if new_only else incremental,
                   "config": cfg.model_dump(mode="json"), "parts": {"masks": [], "errors": []},
                   "labeled": 0, "errors": 0}
         positives = np.zeros(card.num_classes, np.int64)
         if todo:
             ensure_ray()
-            gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cluster_gpus() >= 1 else 0.0)
+            gpus = gpus_or_auto(cfg.gpus_per_actor, log)
             actors = cfg.actors or max(1, int(cluster_gpus() // gpus) if gpus else 1)
             expect = _expected_size(cfg, card)
             keys_table = pa.table({"image_id": pa.array(todo, pa.string())})
@@ -278,7 +284,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     seconds = time.perf_counter() - t0
     summary = LabelSummary(run_id=run_id, store=store_url, images=images, listed=len(keys), skipped=len(keys) - len(todo),
                            to_do=len(todo), labeled=marker["labeled"], errors=marker["errors"],
-                           model_version=card.version, seconds=seconds,
+                           model_version=card.version, new_only=new_only, seconds=seconds,
                            images_per_s=len(todo) / seconds if seconds > 0 else 0.0,
                            positives={cid: int(p) for cid, p in zip(card.class_ids, positives)})
     log(str(summary))

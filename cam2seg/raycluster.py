@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ensure_ray", "cluster_gpus"]
+__all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto"]
 
 
 def ensure_ray() -> None:
@@ -28,3 +28,22 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+_warned = False
+
+
+def gpus_or_auto(explicit: float | None, log=None) -> float:
+    """The configured GPUs per worker or actor, or (``None``) 1 when the cluster has GPUs now
+    and 0 otherwise. "Now" is the catch on an autoscaling cluster: GPU workers scaled to zero
+    are invisible, so say so instead of quietly running on CPUs."""
+    if explicit is not None:
+        return explicit
+    if cluster_gpus() >= 1:
+        return 1.0
+    global _warned
+    if log is not None and not _warned:
+        _warned = True
+        log("no GPU in the cluster now: running on CPUs. If GPU workers autoscale from zero, set "
+            "gpus_per_worker / gpus_per_actor: 1 in the config (cluster/cam2seg.yaml does) so the jobs ask for them")
+    return 0.0

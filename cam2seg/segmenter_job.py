@@ -24,9 +24,9 @@ from .archive import Archive, ArchiveError
 from .artifact import ArtifactError, ModelCard, load_card, write_artifact
 from .config import SegmenterConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .fold_runner import RUNTIME_ONLY, done_url, fold_done, gpus_per_worker, run_folds
+from .fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
 from .folds import FOLDS_FILE, folds_csv, load_folds, make_folds
-from .raycluster import ensure_ray
+from .raycluster import ensure_ray, gpus_or_auto
 from .segmenter import create_segmenter
 from .train_segmenter import SWA_FILE, train_segmenter_loop
 from .training import FINAL_FILE
@@ -131,7 +131,7 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
             return card
     work = io.join(out, "_train", key)
     ensure_ray()
-    gpus = gpus_per_worker(cfg.gpus_per_worker)
+    gpus = gpus_or_auto(cfg.gpus_per_worker, log)
     urls = [archive.image_url(i) for i in ids]
     configs = {}
     for k in range(k_folds):

@@ -83,8 +83,8 @@ def commit(store: str, run_id: str, marker: dict) -> None:
 
 def committed_runs(store: str) -> list[dict]:
     """Markers of the store, oldest first (by run id, which starts with the start time)."""
-    fs, root = io.filesystem(store)
-    runs_dir = f"{root.rstrip('/')}/{RUNS}"
+    fs, root = io.filesystem(io.join(store, RUNS), fresh=True)
+    runs_dir = root.rstrip("/")
     if not fs.exists(runs_dir):
         return []
     markers = []
@@ -144,10 +144,13 @@ def read_errors(store: str) -> pa.Table:
     return errors.filter(pc.invert(pc.is_in(errors.column("image_id"), value_set=labeled)))
 
 
-def labeled_ids(store: str, model_version: str) -> set[str]:
-    """Images some committed run has labeled with ``model_version`` (errors do not count)."""
+def labeled_ids(store: str, model_version: str | None) -> set[str]:
+    """Images some committed run has labeled with ``model_version`` (None: with any model;
+    errors do not count)."""
     t = read_parts(store, committed_runs(store), "masks", MASK_SCHEMA, ["image_id", "model_version"])
-    return set(t.filter(pc.equal(t.column("model_version"), model_version)).column("image_id").to_pylist())
+    if model_version is not None:
+        t = t.filter(pc.equal(t.column("model_version"), model_version))
+    return set(t.column("image_id").to_pylist())
 
 
 def decode_mask(row: dict) -> np.ndarray:
@@ -158,12 +161,13 @@ def decode_mask(row: dict) -> np.ndarray:
 def remove_uncommitted(store: str) -> int:
     """Delete parts no marker lists (left by crashed runs); returns how many. Call it only
     while holding the :class:`Lease`, or a running job's fresh parts would go."""
-    fs, root = io.filesystem(store)
+    fs, root = io.filesystem(store, fresh=True)
     root = root.rstrip("/")
     listed = {p["file"] for m in committed_runs(store) for kind in ("masks", "errors")
               for p in m.get("parts", {}).get(kind, [])}
     removed = 0
     for kind in ("masks", "errors"):
+        fs.invalidate_cache(f"{root}/{kind}")
         if not fs.exists(f"{root}/{kind}"):
             continue
         for path in fs.find(f"{root}/{kind}", withdirs=False):

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/train_segmenter.py \
         --data s3://bucket/archive --masks s3://bucket/labels/night --out s3://bucket/models/unet \
-        --config cluster/config.yaml
+        --config cluster/cam2seg.yaml
 """
 
 import sys

@@ -1,6 +1,5 @@
 """Object storage for real: a moto S3 server on 127.0.0.1, reached over HTTP by s3fs."""
 
-import numpy as np
 import pytest
 
 from cam2seg import folds, io, synth
@@ -46,3 +45,25 @@ def test_endpoint_comes_from_environment_not_code(s3, s3_server):
     s3.mkdir("envcheck")
     io.write_bytes("s3://envcheck/k", b"v")
     assert s3.cat_file("envcheck/k") == b"v"
+
+
+def test_listings_see_what_other_processes_wrote_since(s3):
+    """fsspec keeps one filesystem per process and s3fs caches listings in it: new images and
+    commits written by another process (here: another filesystem instance) must still show."""
+    import s3fs
+
+    from cam2seg import store
+
+    s3.mkdir("fresh")
+    io.write_bytes("s3://fresh/images/a.jpg", b"x")
+    assert io.list_images("s3://fresh/images") == ["a.jpg"]
+    assert store.committed_runs("s3://fresh/labels") == []
+    store.commit("s3://fresh/labels", "run-1", {"parts": {"masks": [], "errors": []}})
+    assert [m["run_id"] for m in store.committed_runs("s3://fresh/labels")] == ["run-1"]
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    other.pipe_file("fresh/images/b.jpg", b"y")
+    other.pipe_file("fresh/labels/_runs/run-2.json", b'{"run_id": "run-2", "parts": {"masks": [], "errors": []}}')
+    other.pipe_file("fresh/labels/masks/run=run-2/part-0.parquet", b"z")
+    assert io.list_images("s3://fresh/images") == ["a.jpg", "b.jpg"]
+    assert [m["run_id"] for m in store.committed_runs("s3://fresh/labels")] == ["run-1", "run-2"]
+    assert io.exists("s3://fresh/labels/masks/run=run-2/part-0.parquet")

@@ -130,3 +130,4 @@ def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
         r = by_key[(ids[j // 4], card.class_ids[j % 4])]
         assert r["encoded_pixels"] == enc and r["area"] == area
     assert json.loads(io.read_bytes(io.join(trained["seg"], "model.json")))["kind"] == "segmenter"
+

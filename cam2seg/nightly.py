@@ -1,0 +1,123 @@
+"""The nightly run: label the images that arrived since the last run, with the current model;
+optionally retrain the segmenter once enough new labels have piled up (off by default).
+
+"New" means no committed run of the store has labeled the image, with any model version: a
+night's cost follows the images that arrived, not the archive's size, and a new model version
+does not silently relabel millions of images (``cam2seg label --incremental`` does that, on
+purpose). "The current model" is whatever artifact ``nightly.model`` holds when the run starts.
+A crashed or killed run leaves its committed parts; the next run (or a re-submission) labels
+only what is still missing. Retraining is decided from the store's commit markers and the
+segmenter's card (:func:`new_labels`), so it needs no state of its own either.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from . import io, store
+from .config import Config
+
+__all__ = ["RetrainDecision", "new_labels", "retrain_decision", "run_nightly", "NightlySummary"]
+
+
+def new_labels(runs: list[dict], trained_on: list[str]) -> int:
+    """Images labeled by the committed ``runs`` (store markers) that are not among the run ids
+    ``trained_on`` (a segmenter card's ``training.store_runs``). Relabels count again: they
+    are new masks too."""
+    seen = set(trained_on)
+    return sum(int(r.get("labeled", 0)) for r in runs if r["run_id"] not in seen)
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    due: bool
+    new: int
+    threshold: int
+    reason: str
+
+
+def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) -> RetrainDecision:
+    """Whether the segmenter at ``segmenter_url`` should be retrained on the store now:
+    ``threshold`` > 0 and at least that many images labeled since it was trained on this store
+    (all of the store's labels when it does not exist yet or was trained on other masks)."""
+    if threshold <= 0:
+        return RetrainDecision(False, 0, threshold, "retraining is off (nightly.retrain_after: 0)")
+    from .artifact import ArtifactError, load_card
+
+    runs = store.committed_runs(store_url)
+    trained_on: list[str] = []
+    try:
+        card = load_card(segmenter_url)
+    except ArtifactError:
+        card, why = None, f"no segmenter at {segmenter_url} yet"
+    if card is not None:
+        if card.training.get("masks") == store_url:
+            trained_on = list(card.training.get("store_runs") or [])
+            why = f"segmenter version {card.version} was trained on {len(trained_on)} run(s) of this store"
+        else:
+            why = f"segmenter version {card.version} was trained on other masks ({card.training.get('masks')})"
+    n = new_labels(runs, trained_on)
+    verdict = "retraining" if n >= threshold else "not retraining yet"
+    return RetrainDecision(n >= threshold, n, threshold,
+                           f"{why}; {n} images labeled since, threshold {threshold}: {verdict}")
+
+
+class NightlySummary(dict):
+    """What a nightly run did; ``str()`` is what the job prints last."""
+
+    def __str__(self) -> str:
+        lines = [f"nightly run finished in {self['seconds']:.0f}s",
+                 f"  labels: {self['store']} (run {self['label']['run_id']}: {self['label']['labeled']} new images "
+                 f"labeled, {self['label']['errors']} errors, {self['label']['skipped']} already labeled)",
+                 f"  retrain: {self['retrain']}"]
+        if self.get("segmenter"):
+            lines.append(f"  segmenter: {self['segmenter']} (version {self['segmenter_version']})")
+        return "\n".join(lines)
+
+
+def _check(cfg: Config) -> None:
+    n = cfg.nightly
+    missing = [k for k in ("model", "images", "store") if not getattr(n, k)]
+    if missing:
+        raise ValueError(f"nightly needs {', '.join(missing)} (flags --model/--images/--out or the config's "
+                         f"nightly section)")
+    if n.retrain_after:
+        if not (n.data and n.segmenter):
+            raise ValueError("nightly.retrain_after needs nightly.data (the image-level labels) and "
+                             "nightly.segmenter (where the segmenter goes)")
+        if io.absolute(n.segmenter) == io.absolute(n.model):
+            raise ValueError(f"nightly.model is the segmenter being retrained ({n.segmenter}): it would learn "
+                             f"from its own masks. Label with the classifier and retrain from that store.")
+        from .archive import Archive
+
+        images = Archive.open(n.data, check_images=False).images_url
+        if images.rstrip("/") != io.absolute(n.images).rstrip("/"):
+            raise ValueError(f"nightly.data's images are {images}, but the nightly labels {io.absolute(n.images)}: "
+                             f"the store's image ids would not match the labels")
+
+
+def run_nightly(cfg: Config, log=None) -> NightlySummary:
+    """One nightly run with ``cfg.nightly`` (paths, policy), ``cfg.label`` (the labeling job)
+    and ``cfg.segmenter`` (a retraining). Safe to re-run: each step resumes or skips."""
+    from .label_job import label_archive
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    _check(cfg)
+    n = cfg.nightly
+    store_url = io.absolute(n.store)
+    t0 = time.perf_counter()
+    label = label_archive(n.model, n.images, store_url, cfg.label, new_only=True, log=log)
+    summary = NightlySummary(store=store_url, label=dict(label), segmenter=None, segmenter_version=None)
+    seg_url = io.absolute(n.segmenter) if n.segmenter else None
+    decision = retrain_decision(store_url, seg_url, n.retrain_after)
+    log(f"retrain policy: {decision.reason}")
+    summary["retrain"] = decision.reason
+    if decision.due:
+        from .segmenter_job import train_segmenter
+
+        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, log=log)
+        summary.update(segmenter=seg_url, segmenter_version=card.version)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,230 @@
+"""The jobs/ entry points as a user submits them: `ray job submit --working-dir .` to a real Ray
+head on 127.0.0.1 (`ray start --head`), on a synthetic archive in a moto S3 bucket.
+
+The head gets the S3 settings in its environment, as a cluster node gets them from its instance
+role or a Kubernetes Secret: nothing secret travels with the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cam2seg import rle, store, synth
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUCKET = "s3://c2s-jobs"
+IMAGES = f"{BUCKET}/archive/train_images"
+STORE = f"{BUCKET}/labels/nightly"
+MODEL = f"{BUCKET}/models/classifier"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _s3_env(endpoint: str) -> dict:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """`ray start --head --block` on 127.0.0.1 with its own temp dir (so no other test's
+    ``ray.init()`` finds it) and its own ports; yields the job API address and the environment.
+    Stopped by its pid (SIGTERM: Ray's handler stops the processes it started)."""
+    temp = tempfile.mkdtemp(prefix="c2s-ray-")  # short: Ray's socket paths live under it
+    # Ray's token authentication, with a token of this session (not ~/.ray/auth_token, which may
+    # or may not exist): the job API refuses requests without it.
+    token = secrets.token_hex(32)
+    env = {**os.environ, **_s3_env(s3_server), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}   # nothing to drain at the end of a test
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        env.pop(var, None)
+    dash = _free_port()
+    ports = {"port": _free_port(), "dashboard-port": dash, "ray-client-server-port": _free_port(),
+             "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port(),
+             "runtime-env-agent-port": _free_port(), "node-manager-port": _free_port(),
+             "object-manager-port": _free_port()}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
+           "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
+           *(f"--{k}={v}" for k, v in ports.items())]
+    log_path = Path(temp) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    head = {"address": address, "env": env, "headers": {"Authorization": f"Bearer {token}"}}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client(head).get_version()
+                break
+            except Exception:  # not up yet: refused, or the dashboard's modules still loading
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        try:  # anything of its process group that outlived it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(head: dict, script: str, *args: str, job_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir <repo>`` of ``jobs/<script>`` (blocking, as users run it);
+    returns the CLI's completed process with the job's log in its stdout."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+           "--submission-id", job_id, "--", "python", f"jobs/{script}", *args]
+    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def client(head: dict):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["address"], headers=head["headers"])
+
+
+def job_status(head: dict, job_id: str) -> str:
+    return str(client(head).get_job_status(job_id).value)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """19 synthetic images: the first 12 are the archive, the rest arrive later."""
+    root = tmp_path_factory.mktemp("incoming")
+    synth.write_archive(str(root), images=19, height=64, width=400, seed=5, progress=None)
+    return sorted((root / "train_images").iterdir())
+
+
+def upload(fs, files) -> list[str]:
+    for f in files:
+        fs.put_file(str(f), f"{IMAGES}/{f.name}")
+    return [f.name for f in files]
+
+
+def _same_as_in_process(table, images_url: str, model_url: str) -> None:
+    """The stored masks are the plain function's on the same images (the job only moves data);
+    up to a pixel's rounding at the threshold, as the actor sums in another thread count."""
+    from cam2seg import data, io
+    from cam2seg.classifier import load_fold_models
+    from cam2seg.label_job import label_images
+    from cam2seg.postprocess import PostProcess
+
+    card, models = load_fold_models(model_url)
+    ids = sorted(set(table.column("image_id").to_pylist()))
+    imgs = data.load_images([io.join(images_url, i) for i in ids], tuple(card.input_size))
+    cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [(64, 400)] * len(ids))
+    rows = {(r["image_id"], r["class_id"]): r for r in table.to_pylist()}
+    for j, i in enumerate(ids):
+        for k, cid in enumerate(card.class_ids):
+            row = rows[(i, cid)]
+            stored, plain = store.decode_mask(row), rle.decode(cols["encoded_pixels"][j * 4 + k], 64, 400)
+            assert stored.sum() == row["area"] and stored.any() == plain.any()
+            assert np.mean(stored != plain) < 1e-3
+            assert row["score"] == pytest.approx(cols["score"][j * 4 + k], abs=1e-5)
+
+
+def test_label_archive_then_nightly_twice_through_ray_job_submit(ray_head, s3, images, random_artifact):
+    import pyarrow.parquet as pq
+
+    from cam2seg.artifact import load_card
+
+    s3.mkdir(BUCKET.removeprefix("s3://"))
+    first = upload(s3, images[:12])
+    card = random_artifact(MODEL)
+
+    # stage 2 over the whole archive
+    r = submit(ray_head, "label_archive.py", "--model", MODEL, "--images", IMAGES, "--out", STORE, "--incremental",
+               job_id="c2s-label-1")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert job_status(ray_head, "c2s-label-1") == "SUCCEEDED"
+    assert "labeled now: 12" in r.stdout and f"committed to {STORE}" in r.stdout
+    table = store.read_masks(STORE)
+    assert sorted(set(table.column("image_id").to_pylist())) == first
+    assert table.num_rows == 12 * 4 and set(table.column("model_version").to_pylist()) == {card.version}
+    (run1,) = store.committed_runs(STORE)
+    assert run1["complete"] and run1["labeled"] == 12 and not s3.exists(STORE.removeprefix("s3://") + "/_lock.json")
+    parts = [f"{STORE}/{p['file']}".removeprefix("s3://") for p in run1["parts"]["masks"]]
+    assert sum(pq.read_table(p, filesystem=s3).num_rows for p in parts) == 48   # plain Parquet underneath
+    _same_as_in_process(table, IMAGES, MODEL)
+
+    # the nightly job: its paths and settings from one config file in the bucket
+    config = f"{BUCKET}/config/cam2seg.yaml"
+    s3.pipe_file(config, json.dumps({
+        "nightly": {"model": MODEL, "images": IMAGES, "store": STORE}, "label": {"batch_size": 4},
+        "segmenter": {"encoder": "tu-mobilenetv3_small_100", "decoder_channels": [32, 16, 16, 8, 8], "folds": 2,
+                      "epochs": 1, "batch_size": 8, "size": [32, 200], "load_threads": 2}}).encode())
+    second = upload(s3, images[12:16])
+    r = submit(ray_head, "nightly.py", "--config", config, job_id="c2s-nightly-1")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert job_status(ray_head, "c2s-nightly-1") == "SUCCEEDED"
+    assert "already labeled by any model: 12; labeled now: 4" in r.stdout
+    assert f"labels: {STORE}" in r.stdout and "retraining is off" in r.stdout
+    runs = store.committed_runs(STORE)
+    assert len(runs) == 2 and runs[-1]["labeled"] == 4 and runs[-1]["config"]["batch_size"] == 4
+    new_rows = store.read_parts(STORE, runs[-1:], "masks", store.MASK_SCHEMA, ["image_id"])
+    assert sorted(set(new_rows.column("image_id").to_pylist())) == second
+
+    # more images and their labels arrive; flags override the file and turn retraining on
+    third = upload(s3, images[16:])
+    s3.put_file(str(images[0].parent.parent / "labels.csv"), f"{BUCKET}/archive/labels.csv")
+    seg = f"{BUCKET}/models/unet"
+    r = submit(ray_head, "nightly.py", "--config", config, "--retrain-after", "15", "--data", f"{BUCKET}/archive",
+               "--segmenter", seg, job_id="c2s-nightly-2")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert job_status(ray_head, "c2s-nightly-2") == "SUCCEEDED"
+    assert "already labeled by any model: 16; labeled now: 3" in r.stdout
+    assert "19 images labeled since, threshold 15: retraining" in r.stdout and f"segmenter: {seg}" in r.stdout
+    runs = store.committed_runs(STORE)
+    new_rows = store.read_parts(STORE, runs[-1:], "masks", store.MASK_SCHEMA, ["image_id"])
+    assert len(runs) == 3 and sorted(set(new_rows.column("image_id").to_pylist())) == third
+    # every image once, each labeled by the run that first saw it
+    table = store.read_masks(STORE, columns=["image_id", "run_id"]).to_pydict()
+    by_image = dict(zip(table["image_id"], table["run_id"]))
+    assert sorted(by_image) == first + second + third
+    assert {by_image[i] for i in first} == {runs[0]["run_id"]}
+    assert {by_image[i] for i in third} == {runs[2]["run_id"]}
+    # the segmenter was trained on the whole store, as the config's segmenter section says
+    seg_card = load_card(seg)
+    assert seg_card.kind == "segmenter" and seg_card.training["masks"] == STORE
+    assert seg_card.training["store_runs"] == [m["run_id"] for m in runs] and seg_card.data["images"] == 19
+    assert seg_card.folds == 2 and seg_card.head["decoder_channels"] == [32, 16, 16, 8, 8]
+
+
+def test_a_failing_job_fails_with_a_clear_message(ray_head, s3):
+    s3.mkdir(BUCKET.removeprefix("s3://"))
+    r = submit(ray_head, "nightly.py", "--model", f"{BUCKET}/models/missing", "--images", IMAGES, "--out", STORE,
+               job_id="c2s-nightly-bad", timeout=120)
+    assert r.returncode != 0
+    assert job_status(ray_head, "c2s-nightly-bad") == "FAILED"
+    assert "cam2seg nightly: error: no model artifact at" in r.stdout
+    assert not s3.exists(STORE.removeprefix("s3://") + "/_runs")
