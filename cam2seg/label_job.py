@@ -278,6 +278,12 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
                 if since_commit >= cfg.commit_every:
                     store.commit(store_url, run_id, {**marker, "end": store.now()})
                     since_commit = 0
+                    # job logs have no progress bars: this line is the progress of a long run
+                    done_now, spent = marker["labeled"] + marker["errors"], time.perf_counter() - t0
+                    rate = done_now / spent if spent > 0 else 0.0
+                    eta = (len(todo) - done_now) / rate if rate > 0 else float("nan")
+                    log(f"committed {done_now} / {len(todo)} images ({marker['errors']} errors), "
+                        f"{rate:.1f} images/s, about {eta / 60:.0f} min to go")
         _reconcile(store_url, run_id, marker, todo)
         marker.update(complete=True, end=store.now(), positives=positives.tolist())
         store.commit(store_url, run_id, marker)

@@ -36,44 +36,46 @@ def test_config_file_then_flags(tmp_path):
     assert "wrote 5 images (32x128)" in r.stdout
 
 
-def test_clear_errors(tmp_path):
+def call(capsys, *args) -> tuple[int, str]:
+    """In-process (the console script is ``main``; one subprocess check below covers the script)."""
+    from cam2seg.cli import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("synth:\n  imagez: 12\n")
     r = run("synth", str(tmp_path / "a"), "--config", str(cfg))
     assert r.returncode == 2 and "synth.imagez" in r.stderr and "Traceback" not in r.stderr
-    r = run("synth", str(tmp_path / "a"), "--images", "0")
-    assert r.returncode == 2 and "images" in r.stderr
-    r = run("synth", str(tmp_path / "a"), "--height", "8")
-    assert r.returncode == 2 and "height" in r.stderr
-    r = run("stats", str(tmp_path / "missing"))
-    assert r.returncode == 2 and "no train.csv or labels.csv" in r.stderr
-    r = run("synth", str(tmp_path / "a"), "--config", str(tmp_path / "nope.yaml"))
-    assert r.returncode == 2 and "config file not found" in r.stderr
+    rc, err = call(capsys, "synth", str(tmp_path / "a"), "--images", "0")
+    assert rc == 2 and "images" in err
+    rc, err = call(capsys, "synth", str(tmp_path / "a"), "--height", "8")
+    assert rc == 2 and "height" in err
+    rc, err = call(capsys, "stats", str(tmp_path / "missing"))
+    assert rc == 2 and "no train.csv or labels.csv" in err
+    rc, err = call(capsys, "synth", str(tmp_path / "a"), "--config", str(tmp_path / "nope.yaml"))
+    assert rc == 2 and "config file not found" in err
 
 
-def test_label_errors_before_any_work(tmp_path, random_artifact):
+def test_label_errors_before_any_work(tmp_path, random_artifact, capsys):
     (tmp_path / "images").mkdir()
-    r = run("label", "--model", str(tmp_path / "no-model"), "--images", str(tmp_path / "images"),
-            "--out", str(tmp_path / "store"))
-    assert r.returncode == 2 and "no model artifact" in r.stderr and "Traceback" not in r.stderr
+    label = ("label", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "store"))
+    rc, err = call(capsys, *label, "--model", str(tmp_path / "no-model"))
+    assert rc == 2 and "no model artifact" in err
     random_artifact(str(tmp_path / "model"))
-    r = run("label", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
-            "--out", str(tmp_path / "store"))
-    assert r.returncode == 2 and "no images under" in r.stderr
+    rc, err = call(capsys, *label, "--model", str(tmp_path / "model"))
+    assert rc == 2 and "no images under" in err
     cfg = tmp_path / "c.yaml"
     cfg.write_text("label:\n  image_size: big\n")
-    r = run("label", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
-            "--out", str(tmp_path / "store"), "--config", str(cfg))
-    assert r.returncode == 2 and "label.image_size" in r.stderr
+    rc, err = call(capsys, *label, "--model", str(tmp_path / "model"), "--config", str(cfg))
+    assert rc == 2 and "label.image_size" in err
 
 
 def test_segmenter_and_evaluate_errors_before_any_work(tmp_path, small_archive, capsys):
-    """In-process (the console script is ``main``; the subprocess tests above cover the script)."""
-    from cam2seg.cli import main
-
     def err(*args):
-        rc = main(list(args))
-        return rc, capsys.readouterr().err
+        return call(capsys, *args)
 
     seg = ("train-segmenter", "--data", str(small_archive), "--out", str(tmp_path / "seg"))
     rc, e = err(*seg, "--masks", str(tmp_path / "no-store"))

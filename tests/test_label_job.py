@@ -125,8 +125,12 @@ def test_incremental_relabel_and_new_model_version(setup, labeled, tmp_path):
     first = labeled[1]
     again = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True)
     assert again["skipped"] == 20 and again["labeled"] == 0 and again["errors"] == 7  # bad files retried
-    forced = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True, relabel=True)
+    logs = []
+    forced = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True, relabel=True,
+                           log=logs.append)
     assert forced["labeled"] == 20
+    progress = [m for m in logs if m.startswith("committed ")]   # a long run's progress in job logs
+    assert progress and all(" / 27 images (" in m and "images/s" in m for m in progress)
     other = str(tmp_path / "model2")
     card2 = setup["make_model"](other, size=(32, 200), seed=1)
     new = label_archive(other, setup["images"], out, LabelConfig(**CFG), incremental=True)
@@ -196,7 +200,7 @@ def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
     import psutil
 
     images = str(tmp_path / "images")
-    synth.write_archive(str(tmp_path / "a"), images=48, height=64, width=400, seed=7, progress=None)
+    synth.write_archive(str(tmp_path / "a"), images=32, height=64, width=400, seed=7, progress=None)
     shutil.copytree(tmp_path / "a" / "train_images", images)
     out = tmp_path / "store"
     cfg = tmp_path / "c.yaml"
@@ -229,15 +233,15 @@ def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
             except psutil.Error:
                 pass
     partial = store.committed_runs(str(out))[0]
-    assert not partial["complete"] and 8 <= partial["labeled"] < 48
+    assert not partial["complete"] and 8 <= partial["labeled"] < 32
     assert json.loads((out / "_lock.json").read_text())["pid"] == proc.pid  # left behind by the kill
 
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already labeled by model" in r.stdout
     runs = store.committed_runs(str(out))
-    assert runs[-1]["complete"] and runs[-1]["labeled"] == 48 - partial["labeled"]
+    assert runs[-1]["complete"] and runs[-1]["labeled"] == 32 - partial["labeled"]
     t = store.read_masks(str(out))
     pairs = set(zip(t.column("image_id").to_pylist(), t.column("class_id").to_pylist()))
-    assert t.num_rows == 192 and len(pairs) == 192
+    assert t.num_rows == 128 and len(pairs) == 128
     assert not (out / "_lock.json").exists()
