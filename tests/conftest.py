@@ -1,23 +1,52 @@
-"""Shared fixtures: a small synthetic archive and a real S3 endpoint (moto server) on 127.0.0.1."""
+"""Shared fixtures: a small synthetic archive, a real S3 endpoint (moto server) and a real Ray head
+(`ray start --head`), both on 127.0.0.1 and stopped by their pids."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 
-def _free_port() -> int:
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def s3_env(endpoint: str) -> dict:
+    """The standard variables boto/s3fs read, for the moto server at ``endpoint``."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10, group: bool = False) -> None:
+    """SIGTERM, SIGKILL after ``timeout`` s; ``group``: then whatever is left of the process group
+    it leads (started with ``start_new_session``)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +55,7 @@ def s3_server():
 
     Stopped by its pid at the end of the session.
     """
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     assert exe, "moto_server not found: install the dev extra (moto[server])"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
@@ -44,12 +73,7 @@ def s3_server():
                 time.sleep(0.2)
         yield endpoint
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -60,10 +84,8 @@ def s3(s3_server, monkeypatch):
     """
     import s3fs
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for k, v in s3_env(s3_server).items():
+        monkeypatch.setenv(k, v)
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
@@ -149,8 +171,7 @@ def s3_ray(s3_server):
     import ray
     import s3fs
 
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}
+    env = s3_env(s3_server)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3fs.S3FileSystem.clear_instance_cache()
@@ -168,3 +189,51 @@ def s3_ray(s3_server):
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """`ray start --head --block` on 127.0.0.1 with its own temp dir (so no other test's
+    ``ray.init()`` finds it) and its own ports; yields the job API address, the environment for
+    `ray` commands, a job client factory and the venv's bin folder.
+    Stopped by its pid (SIGTERM: Ray's handler stops the processes it started)."""
+    from ray.job_submission import JobSubmissionClient
+
+    temp = tempfile.mkdtemp(prefix="c2s-ray-")  # short: Ray's socket paths live under it
+    # Ray's token authentication, with a token of this session (not ~/.ray/auth_token, which may
+    # or may not exist): the job API refuses requests without it.
+    token = secrets.token_hex(32)
+    env = {**os.environ, **s3_env(s3_server), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}   # nothing to drain at the end of a test
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        env.pop(var, None)
+    dash = free_port()
+    ports = {"port": free_port(), "dashboard-port": dash, "ray-client-server-port": free_port(),
+             "dashboard-agent-listen-port": free_port(), "metrics-export-port": free_port(),
+             "runtime-env-agent-port": free_port(), "node-manager-port": free_port(),
+             "object-manager-port": free_port()}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
+           "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
+           *(f"--{k}={v}" for k, v in ports.items())]
+    log_path = Path(temp) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    head = {"address": address, "env": env, "bin": BIN,
+            "client": lambda: JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                head["client"]().get_version()
+                break
+            except Exception:  # not up yet: refused, or the dashboard's modules still loading
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield head
+    finally:
+        stop_process(proc, 60, group=True)
+        shutil.rmtree(temp, ignore_errors=True)

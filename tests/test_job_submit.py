@@ -8,14 +8,7 @@ role or a Kubernetes Secret: nothing secret travels with the jobs.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,95 +19,22 @@ from cam2seg import rle, store, synth
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 BUCKET = "s3://c2s-jobs"
 IMAGES = f"{BUCKET}/archive/train_images"
 STORE = f"{BUCKET}/labels/nightly"
 MODEL = f"{BUCKET}/models/classifier"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _s3_env(endpoint: str) -> dict:
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint}
-
-
-@pytest.fixture(scope="module")
-def ray_head(s3_server):
-    """`ray start --head --block` on 127.0.0.1 with its own temp dir (so no other test's
-    ``ray.init()`` finds it) and its own ports; yields the job API address and the environment.
-    Stopped by its pid (SIGTERM: Ray's handler stops the processes it started)."""
-    temp = tempfile.mkdtemp(prefix="c2s-ray-")  # short: Ray's socket paths live under it
-    # Ray's token authentication, with a token of this session (not ~/.ray/auth_token, which may
-    # or may not exist): the job API refuses requests without it.
-    token = secrets.token_hex(32)
-    env = {**os.environ, **_s3_env(s3_server), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}   # nothing to drain at the end of a test
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        env.pop(var, None)
-    dash = _free_port()
-    ports = {"port": _free_port(), "dashboard-port": dash, "ray-client-server-port": _free_port(),
-             "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port(),
-             "runtime-env-agent-port": _free_port(), "node-manager-port": _free_port(),
-             "object-manager-port": _free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-           "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
-           *(f"--{k}={v}" for k, v in ports.items())]
-    log_path = Path(temp) / "ray-start.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    head = {"address": address, "env": env, "headers": {"Authorization": f"Bearer {token}"}}
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client(head).get_version()
-                break
-            except Exception:  # not up yet: refused, or the dashboard's modules still loading
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1)
-        yield head
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        try:  # anything of its process group that outlived it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def submit(head: dict, script: str, *args: str, job_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir <repo>`` of ``jobs/<script>`` (blocking, as users run it);
     returns the CLI's completed process with the job's log in its stdout."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+    cmd = [str(head["bin"] / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
            "--submission-id", job_id, "--", "python", f"jobs/{script}", *args]
     return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=timeout)
 
 
-def client(head: dict):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(head["address"], headers=head["headers"])
-
-
 def job_status(head: dict, job_id: str) -> str:
-    return str(client(head).get_job_status(job_id).value)
+    return str(head["client"]().get_job_status(job_id).value)
 
 
 @pytest.fixture(scope="module")
