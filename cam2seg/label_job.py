@@ -233,7 +233,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
         skip = (incremental or new_only) and not relabel
         done = store.labeled_ids(store_url, None if new_only else card.version) if skip else set()
         todo = [k for k in keys if k not in done]
-        by = "a model" if new_only else f"model {card.version}"
+        by = "any model" if new_only else f"model {card.version}"
         log(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by {by}; "
             f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
         marker = {"model": model_url, "model_kind": card.kind, "model_version": card.version, "images": images,

@@ -51,13 +51,14 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) 
     try:
         card = load_card(segmenter_url)
     except ArtifactError:
-        card, why = None, f"no segmenter at {segmenter_url} yet"
-    if card is not None:
-        if card.training.get("masks") == store_url:
-            trained_on = list(card.training.get("store_runs") or [])
-            why = f"segmenter version {card.version} was trained on {len(trained_on)} run(s) of this store"
-        else:
-            why = f"segmenter version {card.version} was trained on other masks ({card.training.get('masks')})"
+        card = None
+    if card is None:
+        why = f"no segmenter at {segmenter_url} yet"
+    elif card.training.get("masks") == store_url:
+        trained_on = list(card.training.get("store_runs") or [])
+        why = f"segmenter version {card.version} was trained on {len(trained_on)} run(s) of this store"
+    else:
+        why = f"segmenter version {card.version} was trained on other masks ({card.training.get('masks')})"
     n = new_labels(runs, trained_on)
     verdict = "retraining" if n >= threshold else "not retraining yet"
     return RetrainDecision(n >= threshold, n, threshold,
