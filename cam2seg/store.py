@@ -161,13 +161,13 @@ def decode_mask(row: dict) -> np.ndarray:
 def remove_uncommitted(store: str) -> int:
     """Delete parts no marker lists (left by crashed runs); returns how many. Call it only
     while holding the :class:`Lease`, or a running job's fresh parts would go."""
-    fs, root = io.filesystem(store, fresh=True)
+    fs, root = io.filesystem(store)
     root = root.rstrip("/")
     listed = {p["file"] for m in committed_runs(store) for kind in ("masks", "errors")
               for p in m.get("parts", {}).get(kind, [])}
     removed = 0
     for kind in ("masks", "errors"):
-        fs.invalidate_cache(f"{root}/{kind}")
+        fs.invalidate_cache(f"{root}/{kind}")  # and its parents: a fresh listing (see io.filesystem)
         if not fs.exists(f"{root}/{kind}"):
             continue
         for path in fs.find(f"{root}/{kind}", withdirs=False):
