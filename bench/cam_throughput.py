@@ -26,7 +26,7 @@ def measure(kind: str, size, batch: int, encoder: str, device: str, aug: bool, r
     import torch
 
     from cam2seg.cam import compute_cams, library_cams
-    from cam2seg.classifier import Classifier
+    from cam2seg.models.classifier import Classifier
 
     torch.manual_seed(0)
     model = Classifier(encoder).eval().to(device)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cam2seg.classifier import Classifier
+from cam2seg.models.classifier import Classifier
 
 ENCODERS = ["efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100", "resnet10t", "regnetx_002"]
 

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from cam2seg import rle, synth
+from cam2seg import rle
+from cam2seg.synthetic import synth
 
 
 def loop_encode(mask):

@@ -36,10 +36,11 @@ def main():
     import ray
     import torch
 
-    from cam2seg import data, io, synth
-    from cam2seg.classifier import load_fold_models
+    from cam2seg import preprocess, io
+    from cam2seg.synthetic import synth
+    from cam2seg.models.classifier import load_fold_models
     from cam2seg.config import LabelConfig, parse_size
-    from cam2seg.label_job import label_archive, label_images
+    from cam2seg.pipeline.label import label_archive, label_images
     from cam2seg.postprocess import PostProcess
     from conftest import write_random_artifact
 
@@ -55,12 +56,12 @@ def main():
         card, models = load_fold_models(f"{work}/model")
         pp = PostProcess(**card.postprocess)
         keys = io.list_images(images)
-        label_images(models, card, pp, data.load_images([f"{images}/{keys[0]}"], tuple(card.input_size)),
+        label_images(models, card, pp, preprocess.load_images([f"{images}/{keys[0]}"], tuple(card.input_size)),
                      [(h, w)], aug_smooth=aug)  # warm-up
         t0 = time.perf_counter()
         for s in range(0, len(keys), args.batch):
             batch = keys[s : s + args.batch]
-            imgs = data.load_images([f"{images}/{k}" for k in batch], tuple(card.input_size), threads=1)
+            imgs = preprocess.load_images([f"{images}/{k}" for k in batch], tuple(card.input_size), threads=1)
             label_images(models, card, pp, imgs, [(h, w)] * len(batch), aug_smooth=aug)
         inproc = len(keys) / (time.perf_counter() - t0)
 

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import __version__, io, state
+from . import __version__, io
+from .train import state
 
 __all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "load_extra_states",
            "update_card", "build_fold_models", "CARD_FILE"]

@@ -36,7 +36,7 @@ def _synth_overrides(args) -> dict:
 
 def _print_stats(url: str, limit: int | None) -> None:
     from . import archive as archive_mod
-    from . import maskstats
+    from .synthetic import maskstats
 
     arch = archive_mod.Archive.open(url)
     if not arch.has_masks:
@@ -51,7 +51,7 @@ def _print_stats(url: str, limit: int | None) -> None:
 
 
 def cmd_synth(args) -> int:
-    from . import synth
+    from .synthetic import synth
     from .config import load_config
 
     cfg = load_config(args.config, _synth_overrides(args)).synth
@@ -74,7 +74,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_train_classifiers(args) -> int:
-    from .classifier_job import train_classifiers
+    from .pipeline.classify import train_classifiers
     from .config import load_config
 
     over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "output_stride", "batch_size", "seed")}
@@ -87,7 +87,7 @@ def cmd_train_classifiers(args) -> int:
 
 def cmd_label(args) -> int:
     from .config import load_config
-    from .label_job import label_archive
+    from .pipeline.label import label_archive
 
     over = {"actors": args.actors, "batch_size": args.batch_size, "method": args.method}
     cfg = load_config(args.config, {"label": over}).label
@@ -99,7 +99,7 @@ def cmd_label(args) -> int:
 
 def cmd_nightly(args) -> int:
     from .config import load_config
-    from .nightly import run_nightly
+    from .pipeline.nightly import run_nightly
 
     over = {"model": args.model, "images": args.images, "store": args.out, "retrain_after": args.retrain_after,
             "data": args.data, "segmenter": args.segmenter}
@@ -110,7 +110,7 @@ def cmd_nightly(args) -> int:
 
 def cmd_train_segmenter(args) -> int:
     from .config import load_config
-    from .segmenter_job import train_segmenter
+    from .pipeline.segment import train_segmenter
 
     over = {k: getattr(args, k) for k in ("folds", "epochs", "size", "encoder", "architecture", "batch_size", "seed",
                                           "ignore_band")}
@@ -123,8 +123,8 @@ def cmd_train_segmenter(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .cam_eval import evaluate_cams
-    from .seg_eval import evaluate_segmenters
+    from .evaluate.cams import evaluate_cams
+    from .evaluate.segmenters import evaluate_segmenters
 
     if not (args.model or args.store or args.segmenter):
         raise ValueError("give --model (CAM masks, Table 2), --store and/or --segmenter (Table 3)")
@@ -144,14 +144,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .pipeline.demo import run_demo
 
     run_demo(args.workdir, args.preset, args.config, guided=args.guided)
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .review.report import build_report
 
     summary = build_report(args.out, archive=args.archive, store_url=args.store, model=args.model,
                            segmenters=args.segmenter or [], examples=args.examples)
@@ -160,7 +160,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_coco(args) -> int:
-    from .coco import export_coco
+    from .review.coco import export_coco
 
     s = export_coco(args.store, args.out, fmt=args.format, order=args.order, limit=args.limit)
     order = "lowest-confidence first" if args.order == "confidence" else "in image id order"

@@ -98,7 +98,7 @@ def s3(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def small_archive(tmp_path_factory):
     """A 60-image synthetic archive at 64x400 (session-wide, read-only for tests)."""
-    from cam2seg import synth
+    from cam2seg.synthetic import synth
 
     out = tmp_path_factory.mktemp("archive")
     synth.write_archive(str(out), images=60, height=64, width=400, seed=3, progress=None)
@@ -117,8 +117,8 @@ LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=14, size=(64, 
 def trained_classifier(tmp_path_factory):
     import ray
 
-    from cam2seg import synth
-    from cam2seg.classifier_job import train_classifiers
+    from cam2seg.synthetic import synth
+    from cam2seg.pipeline.classify import train_classifiers
     from cam2seg.config import ClassifierConfig
 
     root = tmp_path_factory.mktemp("stage1")
@@ -146,8 +146,8 @@ def write_random_artifact(out: str, encoder: str = "mobilenetv3_small_100", size
     import torch
 
     from cam2seg.artifact import ModelCard, write_artifact
-    from cam2seg.classifier import Classifier
-    from cam2seg.data import IMAGENET_MEAN, IMAGENET_STD
+    from cam2seg.models.classifier import Classifier
+    from cam2seg.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(seed)
     states = [Classifier(encoder, hidden=16).state_dict() for _ in range(folds)]

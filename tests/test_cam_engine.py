@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cam2seg.cam import LIBRARY_METHODS, compute_cams, find_feature_layer, library_cams
-from cam2seg.classifier import Classifier
+from cam2seg.models.classifier import Classifier
 
 
 @pytest.fixture(scope="module", params=["efficientnet_b0", "resnet10t"])

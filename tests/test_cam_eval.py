@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cam2seg import tuning
+from cam2seg.evaluate import tuning
 from cam2seg.archive import Archive
 from cam2seg.artifact import load_card
-from cam2seg.cam_eval import evaluate_cams, oof_cam_stats
-from cam2seg.classifier import load_fold_models
+from cam2seg.evaluate.cams import evaluate_cams, oof_cam_stats
+from cam2seg.models.classifier import load_fold_models
 
 pytestmark = pytest.mark.slow
 

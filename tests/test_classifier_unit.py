@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from cam2seg import artifact, state, swa
-from cam2seg.classifier import Classifier, create_classifier, load_fold_models
+from cam2seg import artifact
+from cam2seg.train import state, swa
+from cam2seg.models.classifier import Classifier, create_classifier, load_fold_models
 from cam2seg.config import ClassifierConfig
-from cam2seg.train_classifier import make_optimizer, make_scheduler
+from cam2seg.train.classifier_loop import make_optimizer, make_scheduler
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "resnet10t"])

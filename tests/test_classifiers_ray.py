@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from cam2seg import folds as folds_mod
-from cam2seg import state, synth
+from cam2seg.train import state
+from cam2seg.synthetic import synth
 from cam2seg.archive import Archive
-from cam2seg.classifier import load_fold_models
-from cam2seg.classifier_job import run_key, train_classifiers
+from cam2seg.models.classifier import load_fold_models
+from cam2seg.pipeline.classify import run_key, train_classifiers
 
 pytestmark = pytest.mark.slow
 

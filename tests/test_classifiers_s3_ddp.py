@@ -6,9 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cam2seg import io, synth
-from cam2seg.classifier import load_fold_models
-from cam2seg.classifier_job import train_classifiers
+from cam2seg import io
+from cam2seg.synthetic import synth
+from cam2seg.models.classifier import load_fold_models
+from cam2seg.pipeline.classify import train_classifiers
 from cam2seg.config import ClassifierConfig
 
 pytestmark = pytest.mark.slow

@@ -113,7 +113,7 @@ def test_load_config_precedence_and_validation(tmp_path):
 
 def test_demo_preset_file_and_unknown_preset(tmp_path):
     # a preset is the base, the config file overrides it key by key, unknown keys are still refused
-    from cam2seg.demo import PRESETS
+    from cam2seg.pipeline.demo import PRESETS
 
     p = tmp_path / "c.yaml"
     p.write_text("classifier:\n  epochs: 3\n")

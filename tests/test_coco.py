@@ -9,7 +9,8 @@ import pytest
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from cam2seg import coco, io, rle, store
+from cam2seg.review import coco
+from cam2seg import io, rle, store
 
 # pycocotools 2.0.x on numpy 2 warns about its own __array__ use; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

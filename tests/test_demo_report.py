@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam2seg import cli, overlay, store
+from cam2seg import cli, store
+from cam2seg.review import overlay
 from cam2seg.archive import Archive
 from cam2seg.artifact import load_card
-from cam2seg.demo import PRESETS, paths
-from cam2seg.report import build_report, pick_examples
+from cam2seg.pipeline.demo import PRESETS, paths
+from cam2seg.review.report import build_report, pick_examples
 
 pytestmark = pytest.mark.slow
 

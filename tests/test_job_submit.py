@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cam2seg import rle, store, synth
+from cam2seg import rle, store
+from cam2seg.synthetic import synth
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +55,14 @@ def upload(fs, files) -> list[str]:
 def _same_as_in_process(table, images_url: str, model_url: str) -> None:
     """The stored masks are the plain function's on the same images (the job only moves data);
     up to a pixel's rounding at the threshold, as the actor sums in another thread count."""
-    from cam2seg import data, io
-    from cam2seg.classifier import load_fold_models
-    from cam2seg.label_job import label_images
+    from cam2seg import preprocess, io
+    from cam2seg.models.classifier import load_fold_models
+    from cam2seg.pipeline.label import label_images
     from cam2seg.postprocess import PostProcess
 
     card, models = load_fold_models(model_url)
     ids = sorted(set(table.column("image_id").to_pylist()))
-    imgs = data.load_images([io.join(images_url, i) for i in ids], tuple(card.input_size))
+    imgs = preprocess.load_images([io.join(images_url, i) for i in ids], tuple(card.input_size))
     cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [(64, 400)] * len(ids))
     rows = {(r["image_id"], r["class_id"]): r for r in table.to_pylist()}
     for j, i in enumerate(ids):

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam2seg import data, store, synth
-from cam2seg.classifier import load_fold_models
+from cam2seg import preprocess, store
+from cam2seg.synthetic import synth
+from cam2seg.models.classifier import load_fold_models
 from cam2seg.config import LabelConfig
-from cam2seg.label_job import label_archive, label_images
+from cam2seg.pipeline.label import label_archive, label_images
 from cam2seg.postprocess import PostProcess
 
 pytestmark = pytest.mark.slow
@@ -84,7 +85,7 @@ def expected_rows(model_url, images_dir, ids):
     """The same images through the in-process engine: what the store must hold."""
     card, models = load_fold_models(model_url)
     pp = PostProcess(**card.postprocess)
-    imgs = data.load_images([os.path.join(images_dir, i) for i in ids], tuple(card.input_size))
+    imgs = preprocess.load_images([os.path.join(images_dir, i) for i in ids], tuple(card.input_size))
     cols = label_images(models, card, pp, imgs, [(64, 400)] * len(ids))
     return {(i, c): e for i, c, e in zip([i for i in ids for _ in range(4)], cols["class_id"], cols["encoded_pixels"])}
 

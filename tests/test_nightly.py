@@ -7,7 +7,7 @@ from cam2seg import io, store
 from cam2seg.artifact import ModelCard, write_artifact
 from cam2seg.cli import main
 from cam2seg.config import load_config
-from cam2seg.nightly import new_labels, retrain_decision, run_nightly
+from cam2seg.pipeline.nightly import new_labels, retrain_decision, run_nightly
 
 
 def _run(url: str, run_id: str, labeled: int) -> None:

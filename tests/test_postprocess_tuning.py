@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cam2seg import metrics, postprocess, tuning
+from cam2seg import metrics, postprocess
+from cam2seg.evaluate import tuning
 from cam2seg.postprocess import PostProcess
 
 

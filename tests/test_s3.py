@@ -2,7 +2,8 @@
 
 import pytest
 
-from cam2seg import folds, io, synth
+from cam2seg import folds, io
+from cam2seg.synthetic import synth
 from cam2seg.archive import Archive
 
 

@@ -9,15 +9,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cam2seg import data, io, metrics, rle, store
+from cam2seg import preprocess, io, metrics, rle, store
 from cam2seg.archive import Archive
 from cam2seg.artifact import load_card
 from cam2seg.config import LabelConfig, SegmenterConfig
 from cam2seg.folds import FOLDS_FILE, folds_csv, load_folds, make_folds
-from cam2seg.label_job import label_archive, label_images, load_label_models
+from cam2seg.pipeline.label import label_archive, label_images, load_label_models
 from cam2seg.postprocess import PostProcess
-from cam2seg.seg_eval import evaluate_segmenters
-from cam2seg.segmenter_job import train_segmenter
+from cam2seg.evaluate.segmenters import evaluate_segmenters
+from cam2seg.pipeline.segment import train_segmenter
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
     assert marker["model_kind"] == "segmenter" and marker["complete"]
     card, models = load_label_models(trained["seg"])
     ids = archive.image_ids[:8]
-    imgs = data.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
+    imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
     shape = archive.image_shape(ids[0])
     with torch.no_grad():
         cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [shape] * len(ids))

@@ -6,9 +6,10 @@ import torch
 
 from cam2seg import rle
 from cam2seg.config import SegmenterConfig
-from cam2seg.pseudo import edge_band, refine_targets
-from cam2seg.segmenter import IGNORE, create_segmenter, predict_maps, segmentation_loss
-from cam2seg.train_segmenter import build_targets
+from cam2seg.train.targets import edge_band, refine_targets
+from cam2seg.models.losses import IGNORE, segmentation_loss
+from cam2seg.models.segmenter import create_segmenter, predict_maps
+from cam2seg.train.segmenter_loop import build_targets
 
 ENC = "tu-mobilenetv3_small_100"
 
@@ -102,19 +103,19 @@ def test_predict_maps_averages_folds_and_scores_by_maximum():
 def test_the_loss_and_targets_teach_a_unet_to_find_defects(small_archive):
     """A few dozen steps on a handful of images: Dice on them must rise far above the
     whole-image baseline (a sign error or a broken target path would not)."""
-    from cam2seg import data, metrics
+    from cam2seg import preprocess, metrics
     from cam2seg.archive import Archive
 
     a = Archive.open(str(small_archive))
     ids = [i for i, lab in zip(a.image_ids, a.labels) if lab.any()][:8]
     size = (32, 200)
-    imgs = data.load_images([a.image_url(i) for i in ids], size)
+    imgs = preprocess.load_images([a.image_url(i) for i in ids], size)
     rles = [[a.rle(i, c) for c in a.class_ids] for i in ids]
     y = build_targets(rles, [(64, 400)] * len(ids), size, None, SegmenterConfig())
     torch.manual_seed(0)
     model = create_segmenter("Unet", ENC, 4)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, t = data.to_input(imgs), torch.from_numpy(y)
+    x, t = preprocess.to_input(imgs), torch.from_numpy(y)
     for _ in range(60):
         opt.zero_grad()
         segmentation_loss(model(x), t).backward()

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from cam2seg import maskstats, synth
+from cam2seg.synthetic import maskstats, synth
 from cam2seg.archive import Archive
 
 

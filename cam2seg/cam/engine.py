@@ -103,7 +103,7 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
     """CAMs of every class for a batch, on the model's device.
 
     ``model``: a classifier with ``forward_features``/``forward_head`` (any timm model or
-    :class:`cam2seg.classifier.Classifier`), or a list of them (fold ensemble: maps and
+    :class:`cam2seg.models.classifier.Classifier`), or a list of them (fold ensemble: maps and
     probabilities averaged). Models must be in eval mode. ``method``: "gradcam", "gradcam++",
     or "guided-gradcam"/"guided-gradcam++" (the CAM times guided backpropagation, see
     :mod:`cam2seg.cam.guided`; a full backward per class, so several times slower).

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import data, state, swa
+from .. import preprocess
+from . import state, swa
 
 __all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState"]
 
@@ -80,7 +81,7 @@ def restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
 
 
 @torch.no_grad()
-def update_bn(model, images: np.ndarray, batch_size: int, device, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD) -> None:
+def update_bn(model, images: np.ndarray, batch_size: int, device, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD) -> None:
     """Recompute BatchNorm running statistics of averaged weights over ``uint8[N, H, W]`` images."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -92,7 +93,7 @@ def update_bn(model, images: np.ndarray, batch_size: int, device, mean=data.IMAG
         bn.momentum = None  # cumulative average over all batches
     model.train()
     for i in range(0, len(images), batch_size):
-        model(data.to_input(images[i : i + batch_size], mean, std, device=device))
+        model(preprocess.to_input(images[i : i + batch_size], mean, std, device=device))
     for bn in bns:
         bn.momentum = momenta[bn]
 

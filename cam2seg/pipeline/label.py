@@ -28,11 +28,11 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from . import data, io, rle, store
-from .cam import compute_cams
-from .config import LabelConfig, parse_size
-from .postprocess import PostProcess, apply
-from .segmenter import predict_maps
+from .. import preprocess, io, rle, store
+from ..cam import compute_cams
+from ..config import LabelConfig, parse_size
+from ..postprocess import PostProcess, apply
+from ..models.segmenter import predict_maps
 
 __all__ = ["read_image", "label_images", "load_label_models", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
 
@@ -52,7 +52,7 @@ def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) 
         return np.zeros(size, np.uint8), shape, f"unexpected size {shape[0]}x{shape[1]} (expected {expect[0]}x{expect[1]})"
     if min(shape) < 2 or max(shape) > 32767:
         return np.zeros(size, np.uint8), shape, f"unsupported size {shape[0]}x{shape[1]}"
-    return data.prepare(img, size), shape, ""
+    return preprocess.prepare(img, size), shape, ""
 
 
 def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, method: str = "gradcam++",
@@ -65,7 +65,7 @@ def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, meth
     Returns columns image-major, class-minor: class_id, encoded_pixels, score, area, height,
     width (image ids are added by the caller).
     """
-    x = data.to_input(images, card.mean, card.std, device=device)
+    x = preprocess.to_input(images, card.mean, card.std, device=device)
     if card.kind == "segmenter":
         cams, probs = predict_maps(models, x)
     else:
@@ -89,9 +89,9 @@ def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, meth
 
 def load_label_models(model_url: str, device="cpu") -> tuple:
     """(card, fold models) of a classifier or segmenter artifact, whichever ``model_url`` holds."""
-    from .artifact import load_card
-    from .classifier import load_fold_models
-    from .segmenter import load_segmenters
+    from ..artifact import load_card
+    from ..models.classifier import load_fold_models
+    from ..models.segmenter import load_segmenters
 
     return (load_segmenters if load_card(model_url).kind == "segmenter" else load_fold_models)(model_url, device)
 
@@ -214,8 +214,8 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     """
     import ray
 
-    from .artifact import load_card
-    from .raycluster import cluster_gpus, ensure_ray, gpus_or_auto
+    from ..artifact import load_card
+    from ..raycluster import cluster_gpus, ensure_ray, gpus_or_auto
 
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)

@@ -16,8 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import io, store
-from .config import Config
+from .. import io, store
+from ..config import Config
 
 __all__ = ["RetrainDecision", "new_labels", "retrain_decision", "run_nightly", "NightlySummary"]
 
@@ -44,7 +44,7 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) 
     (all of the store's labels when it does not exist yet or was trained on other masks)."""
     if threshold <= 0:
         return RetrainDecision(False, 0, threshold, "retraining is off (nightly.retrain_after: 0)")
-    from .artifact import ArtifactError, load_card
+    from ..artifact import ArtifactError, load_card
 
     runs = store.committed_runs(store_url)
     trained_on: list[str] = []
@@ -91,7 +91,7 @@ def _check(cfg: Config) -> None:
         if io.absolute(n.segmenter) == io.absolute(n.model):
             raise ValueError(f"nightly.model is the segmenter being retrained ({n.segmenter}): it would learn "
                              f"from its own masks. Label with the classifier and retrain from that store.")
-        from .archive import Archive
+        from ..archive import Archive
 
         images = Archive.open(n.data, check_images=False).images_url
         if images.rstrip("/") != io.absolute(n.images).rstrip("/"):
@@ -102,7 +102,7 @@ def _check(cfg: Config) -> None:
 def run_nightly(cfg: Config, log=None) -> NightlySummary:
     """One nightly run with ``cfg.nightly`` (paths, policy), ``cfg.label`` (the labeling job)
     and ``cfg.segmenter`` (a retraining). Safe to re-run: each step resumes or skips."""
-    from .label_job import label_archive
+    from .label import label_archive
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     _check(cfg)
@@ -116,7 +116,7 @@ def run_nightly(cfg: Config, log=None) -> NightlySummary:
     log(f"retrain policy: {decision.reason}")
     summary["retrain"] = decision.reason
     if decision.due:
-        from .segmenter_job import train_segmenter
+        from .segment import train_segmenter
 
         card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, log=log)
         summary.update(segmenter=seg_url, segmenter_version=card.version)

@@ -1,6 +1,6 @@
 """Stage 1 on Ray: K fold classifiers trained concurrently, then one model artifact.
 
-The K folds run side by side as separate Ray Train runs (:mod:`cam2seg.fold_runner`), so a
+The K folds run side by side as separate Ray Train runs (:mod:`cam2seg.train.fold_runner`), so a
 killed job resumes each fold from its last epoch. The run key (a hash of the config, image
 ids and labels) names the work folder ``<out>/_train/<run key>/``; a changed config or
 archive starts afresh.
@@ -16,17 +16,18 @@ import time
 
 import numpy as np
 
-from . import __version__, io, metrics, state
-from .archive import Archive
-from .artifact import ModelCard, load_card, write_artifact
-from .classifier import create_classifier
-from .config import ClassifierConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .folds import make_folds
-from .fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
-from .raycluster import ensure_ray, gpus_or_auto
-from .train_classifier import OOF_FILE, SWA_FILE, train_fold_loop
-from .training import FINAL_FILE
+from .. import __version__, io, metrics
+from ..train import state
+from ..archive import Archive
+from ..artifact import ModelCard, load_card, write_artifact
+from ..models.classifier import create_classifier
+from ..config import ClassifierConfig
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..folds import make_folds
+from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
+from ..raycluster import ensure_ray, gpus_or_auto
+from ..train.classifier_loop import OOF_FILE, SWA_FILE, train_fold_loop
+from ..train.loop import FINAL_FILE
 
 __all__ = ["train_classifiers", "run_key"]
 
@@ -98,7 +99,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .folds import FOLDS_FILE, folds_csv
+    from ..folds import FOLDS_FILE, folds_csv
 
     n, c = archive.labels.shape
     probs = np.full((n, c), np.nan, dtype=np.float32)

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, metrics, swa, training
-from .classifier import create_classifier
-from .config import ClassifierConfig
-from .training import FINAL_FILE
+from . import data
+from .. import preprocess, metrics
+from . import swa, loop as training
+from ..models.classifier import create_classifier
+from ..config import ClassifierConfig
+from .loop import FINAL_FILE
 
 __all__ = ["train_fold_loop", "make_optimizer", "make_scheduler", "predict", "FINAL_FILE", "SWA_FILE", "OOF_FILE"]
 
@@ -54,7 +56,7 @@ def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tu
     out = []
     for i in range(0, len(images), batch_size):
         with training.autocast(device, amp):
-            out.append(model(data.to_input(images[i : i + batch_size], device=device)).float().cpu())
+            out.append(model(preprocess.to_input(images[i : i + batch_size], device=device)).float().cpu())
     logits = torch.cat(out) if out else torch.zeros(0)
     return logits.numpy(), torch.sigmoid(logits).numpy()
 
@@ -94,8 +96,8 @@ def train_fold_loop(config: dict) -> None:
     start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
 
     t_load = time.perf_counter()
-    x_train = data.load_images(config["train_urls"], cfg.size, cfg.load_threads)
-    x_val = data.load_images(config["val_urls"], cfg.size, cfg.load_threads)
+    x_train = preprocess.load_images(config["train_urls"], cfg.size, cfg.load_threads)
+    x_val = preprocess.load_images(config["val_urls"], cfg.size, cfg.load_threads)
     y_train = np.asarray(config["train_labels"], dtype=np.float32)
     y_val = np.asarray(config["val_labels"], dtype=np.uint8)
     say(f"loaded {len(x_train)} training and {len(x_val)} validation images at {cfg.size[0]}x{cfg.size[1]} "
@@ -110,7 +112,7 @@ def train_fold_loop(config: dict) -> None:
             imgs = x_train[idx]
             if augment is not None:
                 imgs = np.stack([augment(image=im)["image"] for im in imgs])
-            x = data.to_input(imgs, device=device)
+            x = preprocess.to_input(imgs, device=device)
             y = torch.from_numpy(y_train[idx]).to(device)
             opt.zero_grad(set_to_none=True)
             with training.autocast(device, amp):

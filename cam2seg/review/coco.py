@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, io, rle, store
+from .. import __version__, io, rle, store
 
 __all__ = ["FORMATS", "ORDERS", "REQUIRED_COLUMNS", "mask_to_polygons", "mask_to_coco_rle", "mask_bbox",
            "mask_area", "mask_annotation", "image_confidence", "build_coco", "export_coco"]

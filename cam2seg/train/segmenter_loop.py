@@ -1,12 +1,12 @@
 """Stage 3 on one fold: Ray Train's ``train_loop_per_worker`` for the segmenter.
 
 Targets are built in the worker from Kaggle RLE strings (true masks, or pseudo-masks refined
-by :func:`cam2seg.pseudo.refine_targets`), resized to the training size. Per epoch: BCE + Dice
-(:func:`cam2seg.segmenter.segmentation_loss`), Adam, validation loss on the held-out fold's
+by :func:`cam2seg.train.targets.refine_targets`), resized to the training size. Per epoch: BCE + Dice
+(:func:`cam2seg.models.losses.segmentation_loss`), Adam, validation loss on the held-out fold's
 targets, the learning rate halved after ``plateau_epochs`` without improvement, a checkpoint.
 At the end the ``swa_epochs`` best epochs are averaged (1: the best epoch) and a final
 checkpoint is written; a worker restarted from it has nothing left to do. Checkpoints and
-resume are :mod:`cam2seg.training`'s, as for the classifiers.
+resume are :mod:`cam2seg.train.loop`'s, as for the classifiers.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import cv2
 import numpy as np
 import torch
 
-from . import data, rle, swa, training
-from .config import SegmenterConfig
-from .pseudo import refine_targets
-from .segmenter import create_segmenter, segmentation_loss
+from . import data
+from .. import preprocess, rle
+from . import swa, loop as training
+from ..config import SegmenterConfig
+from .targets import refine_targets
+from ..models.losses import segmentation_loss
+from ..models.segmenter import create_segmenter
 
 __all__ = ["train_segmenter_loop", "build_targets", "SWA_FILE"]
 
@@ -55,7 +58,7 @@ def _val_loss(model, x_val: np.ndarray, y_val: np.ndarray, cfg: SegmenterConfig,
     model.eval()
     total, seen = 0.0, 0
     for i in range(0, len(x_val), cfg.batch_size):
-        x = data.to_input(x_val[i : i + cfg.batch_size], device=device)
+        x = preprocess.to_input(x_val[i : i + cfg.batch_size], device=device)
         y = torch.from_numpy(y_val[i : i + cfg.batch_size]).to(device)
         with training.autocast(device, amp):
             logits = model(x)
@@ -106,8 +109,8 @@ def train_segmenter_loop(config: dict) -> None:
     start, history, keeper = fs.start, fs.history, fs.keeper
 
     t_load = time.perf_counter()
-    x_train = data.load_images(config["train_urls"], size, cfg.load_threads)
-    x_val = data.load_images(config["val_urls"], size, cfg.load_threads)
+    x_train = preprocess.load_images(config["train_urls"], size, cfg.load_threads)
+    x_val = preprocess.load_images(config["val_urls"], size, cfg.load_threads)
     y_train = build_targets(config["train_rles"], config["train_shapes"], size, config["train_labels"], cfg)
     y_val = build_targets(config["val_rles"], config["val_shapes"], size, config["val_labels"], cfg)
     ignored = float((y_train == -1).mean())
@@ -124,7 +127,7 @@ def train_segmenter_loop(config: dict) -> None:
             imgs, tgts = x_train[idx], y_train[idx]
             if augment is not None:
                 imgs, tgts = _augment_pair(augment, imgs, tgts)
-            x = data.to_input(imgs, device=device)
+            x = preprocess.to_input(imgs, device=device)
             y = torch.from_numpy(np.ascontiguousarray(tgts)).to(device)
             opt.zero_grad(set_to_none=True)
             with training.autocast(device, amp):

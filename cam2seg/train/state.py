@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import io
+from .. import io
 
 __all__ = ["save_tensors", "load_tensors", "optimizer_to_flat", "optimizer_from_flat", "write_json", "read_json"]
 

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from . import io
+from .. import io
 
 __all__ = ["PRESETS", "run_demo", "DemoResult"]
 
@@ -74,15 +74,15 @@ def _stage(log, n: int, total: int, text: str) -> float:
 def run_demo(workdir: str, preset: str = "small", config_path: str | None = None, *, guided: bool = False,
              log=None) -> DemoResult:
     """Run (or resume) the demo in ``workdir``; returns the numbers it printed."""
-    from . import synth
-    from .cam_eval import evaluate_cams
-    from .classifier_job import train_classifiers
-    from .coco import export_coco
-    from .config import load_config
-    from .label_job import label_archive
-    from .report import build_report
-    from .seg_eval import evaluate_segmenters
-    from .segmenter_job import train_segmenter
+    from ..synthetic import synth
+    from ..evaluate.cams import evaluate_cams
+    from .classify import train_classifiers
+    from ..review.coco import export_coco
+    from ..config import load_config
+    from .label import label_archive
+    from ..review.report import build_report
+    from ..evaluate.segmenters import evaluate_segmenters
+    from .segment import train_segmenter
 
     log = log or (lambda m: print(m, flush=True))
     if preset not in PRESETS:

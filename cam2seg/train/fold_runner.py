@@ -20,8 +20,8 @@ import os
 import time
 from typing import Callable
 
-from . import io
-from .training import FINAL_FILE
+from .. import io
+from .loop import FINAL_FILE
 
 __all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url"]
 

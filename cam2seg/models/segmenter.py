@@ -1,5 +1,5 @@
 """Stage 3's model: a segmentation-models-pytorch network (U-Net by default) with four sigmoid
-channels, and the BCE + Dice loss it trains with.
+channels (its loss is :mod:`cam2seg.models.losses`).
 
 smp networks need both input sides divisible by 32; :class:`Segmenter` pads the input by
 reflection and crops the logits back, so any image size works and masks keep the size the
@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE", "Segmenter", "create_segmenter", "load_segmenters", "predict_maps", "segmentation_loss"]
-
-IGNORE = -1  # target value of pixels left out of the loss
+__all__ = ["Segmenter", "create_segmenter", "load_segmenters", "predict_maps"]
 
 
 class Segmenter(nn.Module):
@@ -63,7 +61,7 @@ def create_segmenter(architecture: str = "Unet", encoder: str = "efficientnet-b0
 
 def load_segmenters(url: str, device="cpu") -> tuple["ModelCard", list[Segmenter]]:  # noqa: F821
     """The card and the K fold segmenters of an artifact, in eval mode on ``device``."""
-    from .artifact import build_fold_models, load_artifact
+    from ..artifact import build_fold_models, load_artifact
 
     card, states = load_artifact(url, kind="segmenter")
     models = build_fold_models(url, card, states, lambda: Segmenter(card.head.get("architecture", "Unet"),
@@ -85,22 +83,3 @@ def predict_maps(models, x: torch.Tensor, out_size: tuple[int, int] | None = Non
     if out_size is not None and tuple(probs.shape[-2:]) != tuple(out_size):
         probs = F.interpolate(probs, size=tuple(out_size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return probs, scores
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,
-                      dice_weight: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice of ``logits float[B, C, H, W]`` against ``target`` of the same shape
-    with values 0, 1 or :data:`IGNORE` (those pixels count in neither term).
-
-    smp's losses do the work: Dice per class over the batch (classes with no positive pixel in
-    the batch add nothing to it), BCE averaged over all pixels with ignored ones zeroed.
-    """
-    from segmentation_models_pytorch.losses import DiceLoss, SoftBCEWithLogitsLoss
-
-    target = target.to(logits.dtype)
-    loss = logits.new_zeros(())
-    if bce_weight:
-        loss = loss + bce_weight * SoftBCEWithLogitsLoss(ignore_index=IGNORE)(logits, target)
-    if dice_weight:
-        loss = loss + dice_weight * DiceLoss("multilabel", from_logits=True, ignore_index=IGNORE)(logits, target)
-    return loss

@@ -2,11 +2,11 @@
 
 ``masks="truth"`` trains on the archive's true masks (the upper bound); a label store URL
 trains on its committed pseudo-masks (newest run per image and class), refined with the
-archive's image-level labels (:mod:`cam2seg.pseudo`). The folds are the classifier's when the
+archive's image-level labels (:mod:`cam2seg.train.targets`). The folds are the classifier's when the
 store names a classifier artifact covering the archive, so each image's out-of-fold
 prediction comes from a segmenter that never saw it and whose pseudo-masks came from the same
 split; otherwise :func:`cam2seg.folds.make_folds` with ``folds`` (default 5). Folds run as
-separate Ray Train runs (:mod:`cam2seg.fold_runner`): a killed job resumes each fold from its
+separate Ray Train runs (:mod:`cam2seg.train.fold_runner`): a killed job resumes each fold from its
 last epoch.
 """
 
@@ -19,17 +19,18 @@ import time
 
 import numpy as np
 
-from . import __version__, io, state, store
-from .archive import Archive, ArchiveError
-from .artifact import ArtifactError, ModelCard, load_card, write_artifact
-from .config import SegmenterConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
-from .folds import FOLDS_FILE, folds_csv, load_folds, make_folds
-from .raycluster import ensure_ray, gpus_or_auto
-from .segmenter import create_segmenter
-from .train_segmenter import SWA_FILE, train_segmenter_loop
-from .training import FINAL_FILE
+from .. import __version__, io, store
+from ..train import state
+from ..archive import Archive, ArchiveError
+from ..artifact import ArtifactError, ModelCard, load_card, write_artifact
+from ..config import SegmenterConfig
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
+from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
+from ..raycluster import ensure_ray, gpus_or_auto
+from ..models.segmenter import create_segmenter
+from ..train.segmenter_loop import SWA_FILE, train_segmenter_loop
+from ..train.loop import FINAL_FILE
 
 __all__ = ["train_segmenter", "mask_targets", "PAPER_SEGMENTER_POSTPROCESS"]
 

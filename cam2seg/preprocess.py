@@ -1,4 +1,4 @@
-"""Turning archive images into model inputs: load and resize, augment, normalise, batch.
+"""Turning archive images into model inputs: load, grey, resize, normalise.
 
 Images are held as ``uint8[N, H, W]`` (grey) at the model's input size; the model sees
 ``float32[B, 3, H, W]`` with grey replicated to three channels (so ImageNet weights fit) and
@@ -15,7 +15,7 @@ import torch
 
 from . import io
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_images", "prepare", "resize", "build_augment", "to_input", "epoch_batches"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_images", "prepare", "resize", "to_input"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,29 +54,6 @@ def load_images(urls: list[str], size: tuple[int, int], threads: int = 8) -> np.
     return out
 
 
-_AUG_NAMES = {"hflip": "HorizontalFlip", "vflip": "VerticalFlip"}
-
-
-def build_augment(specs: list, seed: int | None = None) -> object | None:
-    """An albumentations pipeline from names ('hflip', 'vflip') or {'name': Transform, **params};
-    ``seed`` makes its random choices reproducible."""
-    import albumentations as A
-
-    transforms = []
-    for spec in specs:
-        if isinstance(spec, str):
-            name, params = _AUG_NAMES.get(spec, spec), {"p": 0.5}
-        else:
-            params = dict(spec)
-            name = _AUG_NAMES.get(params.get("name"), params.pop("name", None))
-            params.pop("name", None)
-        cls = getattr(A, str(name), None)
-        if cls is None:
-            raise ValueError(f"unknown augmentation {spec!r} (use hflip, vflip or an albumentations class name)")
-        transforms.append(cls(**params))
-    return A.Compose(transforms, seed=seed) if transforms else None
-
-
 def to_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu") -> torch.Tensor:
     """``uint8[B, H, W]`` -> normalised ``float32[B, 3, H, W]`` on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True).float().div_(255.0)
@@ -84,13 +61,3 @@ def to_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="c
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
-                  shuffle: bool = True) -> list[np.ndarray]:
-    """Index batches of one epoch for one rank: a seeded permutation split evenly over ranks
-    (every rank gets the same number of batches, as DDP needs)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    per_rank = len(order) // world if world > 1 else len(order)
-    mine = order[rank * per_rank : (rank + 1) * per_rank] if world > 1 else order
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

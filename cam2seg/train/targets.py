@@ -3,7 +3,7 @@
 Pseudo-masks are wrong in known ways: CAM blobs spill over defect edges, the classifier's
 gate lets through classes the image does not hold, and a class it missed has an empty mask
 although the image-level label says a defect is there. Each refinement below turns such
-pixels into 0 (background) or :data:`~cam2seg.segmenter.IGNORE` (left out of the loss)
+pixels into 0 (background) or :data:`~cam2seg.models.losses.IGNORE` (left out of the loss)
 instead of teaching the network the error. All take and return plain arrays.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .segmenter import IGNORE
+from ..models.losses import IGNORE
 
 __all__ = ["refine_targets", "edge_band"]
 

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from . import io
+from .. import io
 
 POOLS = ("avg", "max", "avgmax")
 
@@ -114,7 +114,7 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
     ``weights``: "swa" (the fold weights) or "best-epoch" (each fold's single best epoch,
     kept for ablations).
     """
-    from .artifact import build_fold_models, load_artifact, load_extra_states
+    from ..artifact import build_fold_models, load_artifact, load_extra_states
 
     card, states = load_artifact(url, kind="classifier")
     if weights == "best-epoch":

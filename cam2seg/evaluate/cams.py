@@ -1,7 +1,7 @@
 """Out-of-fold evaluation of CAM pseudo-masks: the paper's Table 2 for the archive at hand.
 
 Every image is mapped by the fold model that did not train on it. Maps are reduced on the
-fly to per-(image, class) histograms (:mod:`cam2seg.tuning`), so no full-resolution map is
+fly to per-(image, class) histograms (:mod:`cam2seg.evaluate.tuning`), so no full-resolution map is
 kept and any post-processing setting scores without recomputing a CAM. The rows:
 
 * GradCAM and GradCAM++ with each fold's best single epoch, no aug smoothing;
@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import data, io, metrics, tuning
-from .archive import Archive, ArchiveError
-from .artifact import load_card, update_card
-from .cam import compute_cams
-from .classifier import load_fold_models
-from .folds import FOLDS_FILE, load_folds
-from .postprocess import PAPER, PostProcess
+from .. import preprocess, io, metrics
+from . import tuning
+from ..archive import Archive, ArchiveError
+from ..artifact import load_card, update_card
+from ..cam import compute_cams
+from ..models.classifier import load_fold_models
+from ..folds import FOLDS_FILE, load_folds
+from ..postprocess import PAPER, PostProcess
 
 __all__ = ["CamStats", "oof_map_stats", "oof_cam_stats", "pair_dice", "evaluate_cams", "VARIANTS"]
 
@@ -46,7 +47,7 @@ GUIDED_VARIANT = {"Guided GradCAM++ + SWA + aug smooth": ("guided-gradcam++", Tr
 
 @dataclass
 class CamStats:
-    """OOF histograms of one CAM variant over an archive (see :mod:`cam2seg.tuning`)."""
+    """OOF histograms of one CAM variant over an archive (see :mod:`cam2seg.evaluate.tuning`)."""
 
     image_ids: list[str]
     h_all: np.ndarray  # int64[N, C, BINS]
@@ -85,9 +86,9 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], models: list, card, m
         for s in range(0, len(idx), batch_size):
             rows = idx[s : s + batch_size]
             ids = [archive.image_ids[i] for i in rows]
-            imgs = data.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
+            imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
             truth = np.stack([archive.masks(i, shape) for i in ids])
-            x = data.to_input(imgs, card.mean, card.std, device=dev)
+            x = preprocess.to_input(imgs, card.mean, card.std, device=dev)
             maps, scores = map_fn(model, x, shape)
             h_all, h_in = tuning.cam_histograms(maps, torch.from_numpy(truth).to(dev))
             out.h_all[rows], out.h_in[rows] = h_all, h_in

@@ -8,7 +8,7 @@ Rows, all on the archive's defective images, each beside the two trivial baselin
   train on it) with the paper's inference heuristics (threshold 0.2, no minimum area, no
   gate) and with post-processing tuned on these maps per class (gate: the map's maximum).
 
-Tuning reuses :mod:`cam2seg.tuning`'s histograms, so every setting is scored exactly without
+Tuning reuses :mod:`cam2seg.evaluate.tuning`'s histograms, so every setting is scored exactly without
 recomputing a map.
 """
 
@@ -18,13 +18,14 @@ import sys
 
 import numpy as np
 
-from . import io, metrics, rle, store, tuning
-from .archive import Archive, ArchiveError
-from .artifact import load_card, update_card
-from .cam_eval import CamStats, _device, oof_map_stats, pair_dice
-from .folds import FOLDS_FILE, load_folds
-from .postprocess import PostProcess
-from .segmenter import load_segmenters, predict_maps
+from .. import io, metrics, rle, store
+from . import tuning
+from ..archive import Archive, ArchiveError
+from ..artifact import load_card, update_card
+from .cams import CamStats, _device, oof_map_stats, pair_dice
+from ..folds import FOLDS_FILE, load_folds
+from ..postprocess import PostProcess
+from ..models.segmenter import load_segmenters, predict_maps
 
 __all__ = ["oof_seg_stats", "store_pair_dice", "evaluate_segmenters", "tuned_cam_row", "PAPER_SEG"]
 

@@ -26,12 +26,13 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from . import __version__, data, io, metrics, overlay, plots, rle, store
-from .archive import Archive
-from .artifact import ArtifactError, load_card
-from .folds import FOLDS_FILE, load_folds
-from .postprocess import PostProcess, apply
-from .seg_eval import store_pair_dice, tuned_cam_row
+from .. import __version__, preprocess, io, metrics, rle, store
+from . import overlay, plots
+from ..archive import Archive
+from ..artifact import ArtifactError, load_card
+from ..folds import FOLDS_FILE, load_folds
+from ..postprocess import PostProcess, apply
+from ..evaluate.segmenters import store_pair_dice, tuned_cam_row
 
 __all__ = ["build_report", "pick_examples", "ReportSummary", "REPORT_FILE"]
 
@@ -98,7 +99,7 @@ def _fmt(x) -> str:
 
 
 def _load_classifier(url: str, device):
-    from .classifier import load_fold_models
+    from ..models.classifier import load_fold_models
 
     card, models = load_fold_models(url, device)
     return card, models, _folds_of(url)
@@ -185,8 +186,8 @@ def _sweeps(model_card, seg_cards: dict) -> dict:
 def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_models, seg_models, store_dice,
              examples: int, w: _Writer, device, log) -> list[dict]:
     """Per class, the picked images as rows of captioned panels."""
-    from .cam import compute_cams
-    from .segmenter import predict_maps
+    from ..cam import compute_cams
+    from ..models.segmenter import predict_maps
 
     t = table.to_pydict()
     rows = {(i, c): (e, s, h, wd) for i, c, e, s, h, wd in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
@@ -212,7 +213,7 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             iid = ids[p]
             url = archive.image_url(iid) if archive is not None else io.join(images_prefix, io.check_key(iid))
             img = io.decode_image(io.read_bytes(url))
-            img = np.array(img if img.ndim == 2 else data.prepare(img, img.shape[:2]))  # writable, for torch
+            img = np.array(img if img.ndim == 2 else preprocess.prepare(img, img.shape[:2]))  # writable, for torch
             h, wd = img.shape[:2]
             enc, score, _, _ = rows[(iid, cid)]
             pseudo = rle.decode(enc, h, wd) if enc else np.zeros((h, wd), bool)
@@ -224,7 +225,7 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             if cls_models is not None:
                 card, models, folds = cls_models
                 chosen, which = _oof(models, folds, iid)
-                x = data.to_input(data.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
+                x = preprocess.to_input(preprocess.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
                 method = card.postprocess.get("method", "gradcam++")
                 aug = card.postprocess.get("aug_smooth", True)
                 cams, probs = compute_cams(chosen, x, method, aug, out_size=(h, wd))
@@ -237,7 +238,7 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             panels.append((cap + ")", overlay.mask_overlay(img, pseudo, color)))
             for name, (card, models, folds) in (seg_models or {}).items():
                 chosen, which = _oof(models, folds, iid)
-                x = data.to_input(data.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
+                x = preprocess.to_input(preprocess.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
                 maps, sc = predict_maps(chosen, x, (h, wd))
                 kc = card.class_ids.index(cid)
                 pp = PostProcess.model_validate(card.postprocess or {"confidence": 0.0, "threshold": 0.2})
@@ -360,7 +361,7 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
             log("report: gallery")
             cls = _load_classifier(model, dev) if model_card is not None else None
             segs = {}
-            from .segmenter import load_segmenters
+            from ..models.segmenter import load_segmenters
 
             for url in seg_cards:
                 c, m = load_segmenters(url, dev)
@@ -369,7 +370,7 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
             sections.append("gallery")
     else:
         ctx["notes"].append("no label store given: no score distributions or gallery")
-    env = Environment(loader=PackageLoader("cam2seg", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("cam2seg.review", "templates"), autoescape=select_autoescape(["html"]))
     page = env.get_template("report.html").render(**ctx)
     html_url = io.join(out, REPORT_FILE)
     io.write_bytes(html_url, page.encode())

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import metrics
-from .postprocess import PostProcess
+from .. import metrics
+from ..postprocess import PostProcess
 
 __all__ = ["BINS", "cam_histograms", "counts_at", "sweep", "Tuned", "DEFAULT_GRID"]
 

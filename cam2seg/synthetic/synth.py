@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from . import io, rle
+from .. import io, rle
 
 __all__ = ["SynthImage", "generate", "sample_classes", "write_archive", "CLASS_COMBINATIONS"]
 

@@ -1,0 +1,1 @@
+"""The synthetic Severstal-like archive and the mask geometry it is checked against."""
