@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine with nothing but Python 3.10+:
 #   make demo   set up .venv and run the pipeline on the embedded default (synthetic archive)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite (what CI runs)
+#   make test-fast   the unit tests only (no training, no Ray jobs): under a minute
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= demo-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 # One pip command for everything: s3fs and moto[server] must be resolved together or their
 # botocore pins clash. Re-installs only when the project's dependency files change.
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow" -q
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache build *.egg-info

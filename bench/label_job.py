@@ -38,10 +38,9 @@ def main():
 
     from cam2seg import preprocess, io
     from cam2seg.synthetic import synth
-    from cam2seg.models.classifier import load_fold_models
+    from cam2seg.models.predict import load_predictor
     from cam2seg.config import LabelConfig, parse_size
     from cam2seg.pipeline.label import label_archive, label_images
-    from cam2seg.postprocess import PostProcess
     from conftest import write_random_artifact
 
     h, w = parse_size(args.size)
@@ -53,16 +52,16 @@ def main():
         aug = not args.no_aug
 
         torch.set_num_threads(1)
-        card, models = load_fold_models(f"{work}/model")
-        pp = PostProcess(**card.postprocess)
+        predictor = load_predictor(f"{work}/model", "cpu", aug_smooth=aug)
+        card = predictor.card
         keys = io.list_images(images)
-        label_images(models, card, pp, preprocess.load_images([f"{images}/{keys[0]}"], tuple(card.input_size)),
-                     [(h, w)], aug_smooth=aug)  # warm-up
+        label_images(predictor, preprocess.load_images([f"{images}/{keys[0]}"], tuple(card.input_size)),
+                     [(h, w)])  # warm-up
         t0 = time.perf_counter()
         for s in range(0, len(keys), args.batch):
             batch = keys[s : s + args.batch]
             imgs = preprocess.load_images([f"{images}/{k}" for k in batch], tuple(card.input_size), threads=1)
-            label_images(models, card, pp, imgs, [(h, w)] * len(batch), aug_smooth=aug)
+            label_images(predictor, imgs, [(h, w)] * len(batch))
         inproc = len(keys) / (time.perf_counter() - t0)
 
         rates = {}
@@ -71,7 +70,7 @@ def main():
             try:
                 cfg = LabelConfig(actors=actors, cpus_per_actor=1, batch_size=args.batch, read_batch=args.batch,
                                   images_per_file=64, aug_smooth=aug)
-                s = label_archive(f"{work}/model", images, f"{work}/store-{actors}", cfg, log=lambda m: None)
+                s = label_archive(f"{work}/model", images, f"{work}/store-{actors}", cfg)
                 assert s["labeled"] == len(keys), s
                 rates[actors] = s["images_per_s"]
             finally:

@@ -1,4 +1,4 @@
-"""Readers for labelled image archives in the Severstal layout (DESIGN.md, "Contracts").
+"""Readers for labelled image archives in the Severstal layout (README.md, "Archive layouts").
 
 An archive is a folder (any fsspec URL) holding ``train_images/<ImageId>`` and one of:
 

@@ -14,12 +14,13 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from . import __version__, io
+from .postprocess import CardPostProcess
 from .train import state
 
-__all__ = ["ArtifactError", "ModelCard", "write_artifact", "load_card", "load_artifact", "load_extra_states",
+__all__ = ["ArtifactError", "ModelCard", "ClassifierHead", "SegmenterHead", "Training", "write_artifact", "load_card", "load_artifact", "load_extra_states",
            "update_card", "build_fold_models", "CARD_FILE"]
 
 CARD_FILE = "model.json"
@@ -28,6 +29,40 @@ FORMAT_VERSION = 1
 
 class ArtifactError(ValueError):
     """A missing, incomplete, tampered or incompatible model artifact."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassifierHead(_Part):
+    """The paper's head on a timm encoder (see :mod:`cam2seg.models.classifier`)."""
+
+    hidden: int
+    dropout: float
+    output_stride: int = 32
+    pool: str = "avg"
+
+
+class SegmenterHead(_Part):
+    """The smp network around the encoder (see :mod:`cam2seg.models.segmenter`)."""
+
+    architecture: str = "Unet"
+    decoder_channels: list[int] | None = None
+
+
+class Training(_Part):
+    """How the weights came about: the run key (a hash of config and data), the config, and for
+    a segmenter the masks it learned from (``"truth"`` or a label store with its runs)."""
+
+    run_key: str = ""
+    config: dict[str, Any] = {}
+    cam2seg_version: str = ""
+    masks: str | None = None
+    store_runs: list[str] | None = None
+    label_model: str | None = None
+    label_model_versions: list[str] | None = None
+    refinements: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):
@@ -42,17 +77,26 @@ class ModelCard(BaseModel):
     grayscale: bool = True
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    head: dict[str, Any] = {}
+    head: ClassifierHead | SegmenterHead
     folds: int
     fold_files: list[str]
     files: dict[str, str] = {}  # file name -> sha256 of its bytes
-    postprocess: dict[str, Any] = {}
+    postprocess: CardPostProcess = CardPostProcess()
     metrics: dict[str, Any] = {}
-    training: dict[str, Any] = {}
+    training: Training = Training()
     data: dict[str, Any] = {}
     cam2seg_version: str = __version__
     created: str = ""
     version: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _head_of_kind(cls, data):
+        # the kind says which head a card holds (two optional-field models would both fit {})
+        if isinstance(data, dict) and isinstance(data.get("head", {}), dict):
+            kind = ClassifierHead if data.get("kind") == "classifier" else SegmenterHead
+            data = {**data, "head": kind.model_validate(data.get("head", {}))}
+        return data
 
 
 def _sha256(data: bytes) -> str:
@@ -127,8 +171,9 @@ def load_extra_states(url: str, card: ModelCard, names: list[str]) -> list[dict]
 
 
 def update_card(url: str, card: ModelCard, **fields) -> ModelCard:
-    """Rewrite the card with new fields (e.g. tuned thresholds); the version changes with it."""
-    card = card.model_copy(update=fields)
+    """Rewrite the card with new fields (e.g. tuned thresholds, validated like the rest of the
+    card); the version changes with it."""
+    card = ModelCard.model_validate({**card.model_dump(), **{k: v for k, v in fields.items()}})
     card = card.model_copy(update={"version": _content_version(card)})
     state.write_json(io.join(url, CARD_FILE), card.model_dump(mode="json"))
     return card

@@ -2,39 +2,97 @@
 
 Precedence: command-line flags override the file, the file overrides these defaults (the
 paper's, sized down only where the section says so). Each stage reads its own section.
+
+Strict: a duplicate key in a YAML mapping is refused (naming the file and the key), values are
+not coerced (``epochs: true`` or ``epochs: "3"`` is refused; an int where a float is expected is
+fine) and a config file is at most ``MAX_CONFIG_BYTES``. The field descriptions are the
+command line's help texts (cam2seg/cli.py generates the flags from these fields).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import io
+from .cam.engine import CAM_METHODS, DEFAULT_METHOD  # the one list of CAM method names (imports torch)
 
-__all__ = ["ConfigError", "SynthConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig", "NightlyConfig", "Config",
-           "load_config", "parse_size"]
+__all__ = ["ConfigError", "SynthConfig", "StatsConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig",
+           "NightlyConfig", "EvaluateConfig", "ReportConfig", "ExportConfig", "Config", "load_config", "load_yaml",
+           "parse_size", "MAX_CONFIG_BYTES"]
+
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config is a page of settings, not data
 
 
 class ConfigError(ValueError):
     """An unreadable or invalid config file; the message names the file and the keys."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and reads YAML 1.2 floats such as ``1e-4``
+    (YAML 1.1, PyYAML's default, reads them as strings, which strict fields would then refuse)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # <<: keys merged in may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Exponent floats without a dot or without a sign (1e-4, 1.0e3): YAML 1.2 floats, YAML 1.1 strings.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str | bytes, source: str = "config") -> Any:
+    """Parse YAML with the strict loader; ``ConfigError`` names ``source``, the line and the problem."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{source}:{where} not valid YAML: {problem}") from None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no coercion of YAML values (true is not 1, "3" is not 3); ints are still floats
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class SynthConfig(_Section):
     """``cam2seg synth``: the synthetic Severstal-like archive."""
 
-    images: int = Field(1000, ge=1)
-    height: int = Field(256, ge=32)
-    width: int = Field(1600, ge=64)
-    seed: int = 0
-    clean_fraction: float = Field(0.45, ge=0.0, lt=1.0)
+    images: int = Field(1000, ge=1, description="number of images")
+    height: int = Field(256, ge=32, description="image height in pixels")
+    width: int = Field(1600, ge=64, description="image width in pixels")
+    seed: int = Field(0, description="random seed; the same seed gives the same bytes")
+    clean_fraction: float = Field(0.45, ge=0.0, lt=1.0, description="share of defect-free images")
     workers: int = Field(1, ge=1, description="processes generating images in parallel")
-    class_mix: Literal["severstal", "balanced"] = "severstal"
+    class_mix: Literal["severstal", "balanced"] = Field(
+        "severstal", description="Severstal's class combinations, or one uniform class per defective image")
+
+
+class StatsConfig(_Section):
+    """``cam2seg stats``: mask geometry of an archive with true masks."""
+
+    limit: int | None = Field(None, ge=1, description="measure only the first N defective images (None: all)")
 
 
 class _FoldTraining(_Section):
@@ -42,7 +100,7 @@ class _FoldTraining(_Section):
 
     plateau_epochs: int = Field(3, ge=1, description="halve the learning rate after this many epochs without improvement")
     lr_factor: float = Field(0.5, gt=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, description="fold split and initialisation seed")
     workers_per_fold: int = Field(1, ge=1, description="DDP workers per fold")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
@@ -54,7 +112,9 @@ class _FoldTraining(_Section):
     @field_validator("size", mode="before", check_fields=False)  # each subclass declares its size
     @classmethod
     def _parse_size(cls, v):
-        return parse_size(v) if isinstance(v, str) else v
+        if isinstance(v, str):
+            return parse_size(v)
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON (Ray Train's configs) give lists
 
 
 class ClassifierConfig(_FoldTraining):
@@ -62,12 +122,12 @@ class ClassifierConfig(_FoldTraining):
 
     encoder: str = Field("efficientnet_b0", description="any timm model name")
     pretrained: bool | str = Field(False, description="false, true (hub download) or a safetensors URL")
-    folds: int = Field(5, ge=2)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
+    folds: int = Field(5, ge=2, description="K, the number of folds (one classifier each)")
+    epochs: int = Field(20, ge=1, description="epochs per fold")
+    batch_size: int = Field(64, ge=1, description="images per training batch")
     lr_encoder: float = Field(1e-4, gt=0)
     lr_head: float = Field(1e-3, gt=0)
-    size: tuple[int, int] = Field((256, 1600), description="input height, width")
+    size: tuple[int, int] = Field((256, 1600), description="input HEIGHTxWIDTH")
     output_stride: Literal[8, 16, 32] = Field(32, description="encoder stride; 16 or 8 dilate the last stages "
                                               "for finer CAMs (EfficientNet, MobileNetV2, ResNet)")
     pool: Literal["avg", "max", "avgmax"] = Field("avg", description="global pooling before the head (timm's "
@@ -83,8 +143,7 @@ class ClassifierConfig(_FoldTraining):
 class LabelConfig(_Section):
     """``cam2seg label``: stage 2 at scale, the Ray Data labeling job."""
 
-    method: Literal["gradcam", "gradcam++", "guided-gradcam", "guided-gradcam++"] = Field(
-        "gradcam++", description="the fast engine's CAM method")
+    method: Literal[CAM_METHODS] = Field(DEFAULT_METHOD, description="the fast engine's CAM method")
     aug_smooth: bool = True
     actors: int | None = Field(None, ge=1, description="CAM actors; None: one per GPU, or 1 without GPUs")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0")
@@ -115,11 +174,11 @@ class SegmenterConfig(_FoldTraining):
     decoder_channels: list[int] | None = Field(None, description="U-Net decoder widths, deepest first (None: smp's "
                                                 "256, 128, 64, 32, 16); narrower trains faster")
     encoder_weights: str | None = Field(None, description="None (random init) or a safetensors URL of encoder weights")
-    folds: int | None = Field(None, ge=2, description="None: the classifier's folds when the masks name one, else 5")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)
+    folds: int | None = Field(None, ge=2, description="K; None: the classifier's folds when the masks name one, else 5")
+    epochs: int = Field(30, ge=1, description="epochs per fold")
+    batch_size: int = Field(16, ge=1, description="images per training batch")
     lr: float = Field(1e-3, gt=0)
-    size: tuple[int, int] | None = Field(None, description="input height, width; None: the archive's image size")
+    size: tuple[int, int] | None = Field(None, description="input HEIGHTxWIDTH; None: the archive's image size")
     augment: list[str | dict[str, Any]] = Field(default_factory=lambda: ["hflip", "vflip"])
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
@@ -144,10 +203,36 @@ class NightlyConfig(_Section):
     images: str | None = Field(None, description="folder or s3:// prefix where new images arrive")
     store: str | None = Field(None, description="the label store the runs commit to")
     retrain_after: int = Field(0, ge=0, description="retrain the segmenter once this many images have been labeled "
-                               "since it was trained (0: never, the default)")
+                               "since it was trained (0: never)")
     data: str | None = Field(None, description="for retraining: the archive (or labels CSV) with the image-level "
-                             "labels of the labeled images; its train_images/ must be ``images``")
+                             "labels of the labeled images; its train_images/ must be the images prefix")
     segmenter: str | None = Field(None, description="for retraining: the segmenter artifact to (re)write")
+
+
+class EvaluateConfig(_Section):
+    """``cam2seg evaluate``: Tables 2 and 3 out of fold."""
+
+    objective: Literal["kaggle", "positive"] = Field(
+        "kaggle", description="what tuning maximises: Kaggle mean Dice or positive-pair Dice")
+    batch_size: int = Field(8, ge=1, description="images per inference batch")
+    guided: bool = Field(True, description="score the Guided GradCAM++ rows (a full backward per class: the "
+                         "slowest row)")
+
+
+class ReportConfig(_Section):
+    """``cam2seg report``: the HTML report."""
+
+    examples: int = Field(3, ge=0, description="gallery images per class: 3 = best, typical, worst (0: no gallery)")
+
+
+class ExportConfig(_Section):
+    """``cam2seg export-coco``: a label store's pseudo-masks as COCO JSON for review."""
+
+    format: Literal["polygon", "rle"] = Field(
+        "polygon", description="polygon: editable outlines, holes filled; rle: exact masks, iscrowd=1 (CVAT imports "
+        "them as masks; Label Studio's COCO converter cannot)")
+    order: Literal["confidence", "id"] = Field("confidence", description="images lowest-confidence first, or by image id")
+    limit: int | None = Field(None, ge=0, description="export only the first N images (in this order; None: all)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -165,10 +250,32 @@ class Config(_Section):
     """The whole tree; later stages add their sections here."""
 
     synth: SynthConfig = SynthConfig()
+    stats: StatsConfig = StatsConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     nightly: NightlyConfig = NightlyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    export: ExportConfig = ExportConfig()
+
+
+def _read_config(path: str) -> str:
+    try:
+        fs, p = io.filesystem(path)
+        with fs.open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds settings, "
+                          "not data")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
@@ -180,14 +287,7 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any]] | 
     """
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            text = io.read_bytes(path).decode()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml(_read_config(path), path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for section, values in (base or {}).items():

@@ -7,7 +7,8 @@ come from the true areas alone:
 * **Kaggle mean**: Dice per (image, class) pair, 1 for empty/empty and 0 for empty/non-empty,
   averaged over all pairs (optionally of defective images only, as the paper does).
 * **Positive-pair Dice**: the mean over the pairs whose true mask is non-empty; it measures
-  localisation alone (PAPER.md explains why the Kaggle mean alone misleads).
+  localisation alone: on archives where most pairs are empty, the all-empty baseline scores
+  a high Kaggle mean while finding nothing, so the Kaggle mean alone misleads.
 * Baselines: *all-empty* (predict nothing), and *whole image* (predict every pixel for each
   class the classifier accepts, i.e. probability >= confidence).
 """
@@ -82,7 +83,7 @@ class DiceScores:
 def score_dice(per_pair: np.ndarray, true_area: np.ndarray, defective_only: bool = True) -> DiceScores:
     """Summarise ``float[N, C]`` pair Dice given ``int[N, C]`` true areas.
 
-    ``defective_only`` keeps the images with at least one non-empty true mask (PAPER's metric).
+    ``defective_only`` keeps the images with at least one non-empty true mask (the paper's metric).
     """
     per_pair = np.asarray(per_pair, dtype=np.float64)
     positive = np.asarray(true_area) > 0

@@ -1,12 +1,18 @@
-"""The paper's post-processing of CAMs into masks: ``confidence`` gate on the class probability,
-pixel ``threshold`` on the map, ``min_seg_len`` minimum mask area; each global or per class."""
+"""The paper's post-processing of maps into masks: ``confidence`` gate on the class score,
+pixel ``threshold`` on the map, ``min_seg_len`` minimum mask area; each global or per class.
+
+The paper's defaults live here and nowhere else: :data:`PAPER` for CAM masks (confidence 0.5,
+threshold 0.3), :data:`PAPER_SEGMENTER` for the U-Net (threshold 0.2, no gate).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, field_validator
 
-__all__ = ["PostProcess", "apply", "PAPER"]
+__all__ = ["PostProcess", "CardPostProcess", "apply", "PAPER", "PAPER_SEGMENTER", "paper_default"]
 
 
 def _per_class(v, n: int, name: str) -> np.ndarray:
@@ -41,7 +47,35 @@ class PostProcess(BaseModel):
                 _per_class(self.min_seg_len, num_classes, "min_seg_len"))
 
 
+class CardPostProcess(PostProcess):
+    """What a model card records: the setting its masks use, and how it was chosen.
+
+    ``tuned``: set by ``cam2seg evaluate`` on out-of-fold maps for ``objective``; ``global_setting``:
+    the best single setting for all classes beside the per-class one above; ``method`` and
+    ``aug_smooth``: the CAM variant the setting was tuned for (classifiers only).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tuned: bool = False
+    objective: Literal["kaggle", "positive"] | None = None
+    global_setting: PostProcess | None = None
+    method: str | None = None
+    aug_smooth: bool | None = None
+
+    def setting(self) -> PostProcess:
+        """The masks' setting alone (what :func:`apply` needs)."""
+        return PostProcess(confidence=self.confidence, threshold=self.threshold, min_seg_len=self.min_seg_len)
+
+
 PAPER = PostProcess(confidence=0.5, threshold=0.3, min_seg_len=0)
+PAPER_SEGMENTER = PostProcess(confidence=0.0, threshold=0.2, min_seg_len=0)
+
+
+def paper_default(kind: str) -> CardPostProcess:
+    """The untuned card setting of a new ``kind`` ("classifier" or "segmenter") artifact."""
+    base = PAPER if kind == "classifier" else PAPER_SEGMENTER
+    return CardPostProcess(**base.model_dump())
 
 
 def apply(cams: np.ndarray, probs: np.ndarray, pp: PostProcess) -> np.ndarray:

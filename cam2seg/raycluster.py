@@ -1,26 +1,134 @@
 """Connecting to Ray the same way from every job: the cluster in RAY_ADDRESS (``ray job
-submit`` sets it) or a local one, with the log settings that keep the driver readable."""
+submit`` sets it), else what ``ray.init()`` finds (a head started with ``ray start``) or a local
+Ray of this command's own.
+
+The terminal shows cam2seg's lines only. Ray's own output stays in Ray's log files under the
+session folder (``<session>/logs``):
+
+* workers: ``log_to_driver=False``, so their stdout/stderr stay in ``worker-*.out|err`` (Ray
+  Train's placement-group cleaner, the core workers' C++ warnings, ...). cam2seg's records from
+  training workers reach the driver through :mod:`cam2seg.logs`' log sink instead.
+* the driver's Python loggers ``ray`` and ``ray.data``: their console handlers are replaced by
+  ``<session>/logs/cam2seg-driver-<pid>.log`` (``ray.data`` keeps its own ``ray-data/`` files),
+  including what ``ray.init`` itself logs. Ray Data's progress bars on a terminal are not log
+  records and still show.
+* the raylet's "N worker processes have been started" warning, which the driver's error
+  listener prints on stdout, goes to that file too; other messages Ray pushes to the driver
+  (a worker that died, a node that was lost) still print.
+"""
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import os
+import re
 
 __all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto"]
 
+_FILE_HANDLER = "cam2seg-ray-file"
+_RAY_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own
+_POOL_WARNING = re.compile(r"^WARNING: \d+ \w+ worker processes have been started on node")
+
 
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet about it."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet about it (see the
+    module doc). Does nothing when Ray is already initialized: that caller's settings stand."""
     import ray
 
-    if not ray.is_initialized():
-        # Train V2 re-routes worker print() through its logger as well as stdout, which shows
-        # every line twice on the driver; its per-checkpoint INFO lines drown the epoch lines.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        # Ray merges "similar" lines across workers: fold 0's epoch line would vanish into fold 1's.
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=True,
-                 logging_config=ray.LoggingConfig(log_level="WARNING"))
+    if ray.is_initialized():
+        return
+    ray_logger = logging.getLogger("ray")
+    consoles = _console_handlers(ray_logger)
+    for h in consoles + [h for h in ray_logger.handlers if h.get_name() == _FILE_HANDLER]:
+        ray_logger.removeHandler(h)
+    # What ray.init logs, held until its session folder exists.
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    ray_logger.addHandler(held)
+    try:
+        ctx = ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                       log_to_driver=False)
+    except BaseException:
+        # no session to write to: show what Ray said where Ray would have shown it
+        ray_logger.removeHandler(held)
+        for h in consoles:
+            ray_logger.addHandler(h)
+        held.setTarget(consoles[0] if consoles else logging.lastResort)
+        held.close()
+        raise
+    file_handler = _session_file(ctx)
+    held.setTarget(file_handler)
+    ray_logger.removeHandler(held)
+    held.close()  # flushes into the file
+    ray_logger.addHandler(file_handler)
+    _quiet_ray_data(file_handler)
+    _worker_pool_warning_to_file()
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    return [h for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def _session_file(ctx) -> logging.Handler:
+    """A file handler on ``<session>/logs/cam2seg-driver-<pid>.log``, or on the same name in
+    the temp folder where the session folder cannot be written from here."""
+    import tempfile
+
+    session = (getattr(ctx, "address_info", None) or {}).get("session_dir")
+    logs_dir = os.path.join(session, "logs") if session else tempfile.gettempdir()
+    path = os.path.join(logs_dir, f"cam2seg-driver-{os.getpid()}.log")
+    try:
+        os.makedirs(logs_dir, exist_ok=True)
+        handler = logging.FileHandler(path, delay=True)
+    except OSError:
+        handler = logging.FileHandler(os.path.join(tempfile.gettempdir(), os.path.basename(path)), delay=True)
+    handler.set_name(_FILE_HANDLER)
+    handler.setFormatter(logging.Formatter(_RAY_FORMAT))
+    return handler
+
+
+def _quiet_ray_data(file_handler: logging.Handler) -> None:
+    """Ray Data configures its logger when imported: console and ``ray-data.log``. Import it
+    now (the labeling job uses it right after) and keep the file only."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        return
+    data_logger = logging.getLogger("ray.data")
+    consoles = _console_handlers(data_logger)
+    for h in consoles:
+        data_logger.removeHandler(h)
+    if consoles and not data_logger.handlers:
+        data_logger.addHandler(file_handler)
+
+
+def _worker_pool_warning_to_file() -> None:
+    """The driver's error listener (``ray._private.worker.listen_error_messages``) prints what
+    the cluster pushes to drivers on stdout through ``print_to_stdstream``. Route the raylet's
+    worker-pool-size warning to the log file (through the ``ray`` logger); pass everything
+    else on unchanged."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "cam2seg_original", None) is not None:
+        return
+    log = logging.getLogger("ray.cam2seg.pushed")
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = data.get("lines") or []
+            keep = [line for line in lines if not _POOL_WARNING.match(str(line))]
+            for line in lines:
+                if line not in keep:
+                    log.warning("(raylet) %s", line)
+            if not keep:
+                return None
+            data = {**data, "lines": keep}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.cam2seg_original = original
+    worker.print_to_stdstream = print_to_stdstream
 
 
 def cluster_gpus() -> float:

@@ -1,4 +1,4 @@
-"""The label store: Parquet RLE masks in committed runs (DESIGN.md, "Label store").
+"""The label store: Parquet RLE masks in committed runs (README.md, "Stage 2 at scale").
 
 Layout under ``<store>``::
 
@@ -24,14 +24,18 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from typing import Any, Literal
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import io, rle
 
-__all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "new_run_id", "write_part", "commit",
+__all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "Part", "Parts", "RunMarker", "RunWriter",
+           "new_run_id", "write_part", "commit",
            "committed_runs", "read_masks", "read_errors", "labeled_ids", "decode_mask", "Lease",
            "remove_uncommitted", "read_parts", "now"]
 
@@ -52,6 +56,51 @@ class StoreError(RuntimeError):
 
 class StoreBusy(StoreError):
     """Another run holds the store's lease."""
+
+
+class Part(BaseModel):
+    """One committed Parquet part: its path under the store and its row count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    rows: int = Field(ge=0)
+
+
+class Parts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    masks: list[Part] = []
+    errors: list[Part] = []
+
+
+class RunMarker(BaseModel):
+    """A run's commit marker (``_runs/<run_id>.json``): which parts count, and what made them.
+
+    ``incremental``: False, True (skip images this model version labeled) or "new-only" (skip
+    images any model labeled, the nightly rule). ``positives``: images with a non-empty mask per
+    class, in the model's class order, once ``complete``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    model: str | None = None
+    model_kind: Literal["classifier", "segmenter"] = "classifier"
+    model_version: str | None = None
+    images: str | None = None
+    listed: int = 0
+    to_do: int = 0
+    labeled: int = 0
+    errors: int = 0
+    start: str | None = None
+    end: str | None = None
+    committed_at: str | None = None
+    complete: bool = False
+    incremental: bool | Literal["new-only"] = False
+    config: dict[str, Any] = {}
+    parts: Parts = Parts()
+    positives: list[int] | None = None
 
 
 def now() -> str:
@@ -75,13 +124,16 @@ def write_part(store: str, kind: str, run_id: str, table: pa.Table) -> dict:
     return {"file": rel, "rows": table.num_rows}
 
 
-def commit(store: str, run_id: str, marker: dict) -> None:
-    """Write (or rewrite) the run's marker; ``marker["parts"]`` lists the committed parts."""
-    marker = {**marker, "run_id": run_id, "committed_at": now()}
-    io.write_bytes(io.join(store, RUNS, f"{run_id}.json"), json.dumps(marker, indent=1).encode())
+def commit(store: str, run_id: str, marker: RunMarker | dict) -> RunMarker:
+    """Write (or rewrite) the run's marker; its ``parts`` are the committed parts. A dict is
+    validated as a :class:`RunMarker` first."""
+    fields = marker.model_dump() if isinstance(marker, RunMarker) else dict(marker)
+    marker = RunMarker.model_validate({**fields, "run_id": run_id, "committed_at": now()})
+    io.write_bytes(io.join(store, RUNS, f"{run_id}.json"), marker.model_dump_json(indent=1).encode())
+    return marker
 
 
-def committed_runs(store: str) -> list[dict]:
+def committed_runs(store: str) -> list[RunMarker]:
     """Markers of the store, oldest first (by run id, which starts with the start time)."""
     fs, root = io.filesystem(io.join(store, RUNS), fresh=True)
     runs_dir = root.rstrip("/")
@@ -92,22 +144,26 @@ def committed_runs(store: str) -> list[dict]:
         name = path.rsplit("/", 1)[-1]
         if name.endswith(".json") and not name.startswith("."):
             try:
-                markers.append(json.loads(fs.cat_file(path)))
+                markers.append(RunMarker.model_validate(json.loads(fs.cat_file(path))))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise StoreError(f"{store}: commit marker {name} is not a cam2seg marker: "
+                                 f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
             except ValueError as e:
                 raise StoreError(f"{store}: unreadable commit marker {name}: {e}") from None
-    return sorted(markers, key=lambda m: m["run_id"])
+    return sorted(markers, key=lambda m: m.run_id)
 
 
-def read_parts(store: str, markers: list[dict], kind: str, schema: pa.Schema, columns=None) -> pa.Table:
+def read_parts(store: str, markers: list[RunMarker], kind: str, schema: pa.Schema, columns=None) -> pa.Table:
     """All rows of ``kind`` the ``markers`` list, with ``_rank`` = the marker's position."""
     tables = []
     for rank, m in enumerate(markers):
-        for part in m.get("parts", {}).get(kind, []):
-            fs, path = io.filesystem(io.join(store, part["file"]))
+        for part in getattr(m.parts, kind):
+            fs, path = io.filesystem(io.join(store, part.file))
             with fs.open(path, "rb") as f:
                 t = pq.read_table(f, columns=columns)
-            if t.num_rows != part["rows"]:
-                raise StoreError(f"{store}/{part['file']}: {t.num_rows} rows, its marker says {part['rows']}")
+            if t.num_rows != part.rows:
+                raise StoreError(f"{store}/{part.file}: {t.num_rows} rows, its marker says {part.rows}")
             tables.append(t.append_column("_rank", pa.array(np.full(t.num_rows, rank, np.int32))))
     if not tables:
         cols = [schema.field(c) for c in (columns or schema.names)]
@@ -163,8 +219,7 @@ def remove_uncommitted(store: str) -> int:
     while holding the :class:`Lease`, or a running job's fresh parts would go."""
     fs, root = io.filesystem(store)
     root = root.rstrip("/")
-    listed = {p["file"] for m in committed_runs(store) for kind in ("masks", "errors")
-              for p in m.get("parts", {}).get(kind, [])}
+    listed = {p.file for m in committed_runs(store) for p in (*m.parts.masks, *m.parts.errors)}
     removed = 0
     for kind in ("masks", "errors"):
         fs.invalidate_cache(f"{root}/{kind}")  # and its parents: a fresh listing (see io.filesystem)
@@ -261,3 +316,70 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class RunWriter:
+    """A labeling run's side of the commit protocol, for the run that holds the lease.
+
+    ``with RunWriter(store, marker, commit_every, lease_ttl) as w:`` takes the lease and
+    removes parts a crashed run left (``w.removed`` says how many); ``w.add(...)`` records a
+    written part batch and commits the marker once ``commit_every`` more images are in it
+    (returning True then); ``w.finish(todo)`` checks that every image to do is in exactly one of
+    masks (once per class) or errors, and commits the marker as complete.
+    """
+
+    def __init__(self, store: str, marker: RunMarker, commit_every: int, lease_ttl: float = 600.0):
+        self.store, self.marker, self.commit_every = store, marker, commit_every
+        self.lease = Lease(store, marker.run_id, ttl=lease_ttl)
+        self.removed, self._since = 0, 0
+
+    def __enter__(self) -> RunWriter:
+        self.lease.acquire()
+        try:
+            self.removed = remove_uncommitted(self.store)
+        except BaseException:
+            self.lease.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lease.release()
+
+    @property
+    def done(self) -> int:
+        """Images written so far (labeled or errors)."""
+        return self.marker.labeled + self.marker.errors
+
+    def add(self, masks: Part | None, errors: Part | None, images: int, error_images: int) -> bool:
+        m = self.marker
+        if masks is not None:
+            m.parts.masks.append(masks)
+        if errors is not None:
+            m.parts.errors.append(errors)
+        m.labeled += images
+        m.errors += error_images
+        self._since += images + error_images
+        if self._since < self.commit_every:
+            return False
+        commit(self.store, m.run_id, m.model_copy(update={"end": now()}))
+        self._since = 0
+        return True
+
+    def finish(self, todo: list[str], positives: list[int]) -> RunMarker:
+        """Reconcile the run's parts with ``todo`` and commit it complete; anything that does not
+        add up is a bug worth stopping for (RuntimeError), not a number to print."""
+        m = self.marker
+        if self.done != len(todo):
+            raise RuntimeError(f"run {m.run_id}: {len(todo)} images to do, but {m.labeled} labeled + "
+                               f"{m.errors} errors; not committing it as complete")
+        ids = read_parts(self.store, [m], "masks", MASK_SCHEMA, ["image_id", "class_id"])
+        errs = read_parts(self.store, [m], "errors", ERROR_SCHEMA, ["image_id"])
+        pairs = set(zip(ids.column("image_id").to_pylist(), ids.column("class_id").to_pylist()))
+        labeled = {i for i, _ in pairs}
+        seen = labeled | set(errs.column("image_id").to_pylist())
+        if len(pairs) != ids.num_rows or seen != set(todo) or len(labeled) + errs.num_rows != len(todo):
+            raise RuntimeError(f"run {m.run_id}: written rows do not reconcile with the {len(todo)} images to do "
+                               f"({ids.num_rows} mask rows, {len(pairs)} distinct, {errs.num_rows} errors)")
+        m.complete, m.end, m.positives = True, now(), list(positives)
+        self.marker = commit(self.store, m.run_id, m)
+        return self.marker

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -19,6 +21,29 @@ import pytest
 
 
 BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def captured_logs():
+    """The messages cam2seg's loggers emit inside the block (progress lines), as a list."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("cam2seg")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def log_lines():
+    """:func:`captured_logs` for tests: ``with log_lines() as lines: ...``."""
+    return captured_logs
 
 
 def free_port() -> int:
@@ -131,7 +156,7 @@ def trained_classifier(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         t0 = time.perf_counter()
-        card = train_classifiers(data, out, cfg, log=lambda m: print(m, flush=True))
+        card = train_classifiers(data, out, cfg)
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()

@@ -82,9 +82,9 @@ def test_oof_roc_auc_clearly_beats_chance(trained):
     assert auc >= 0.8
 
 
-def test_rerun_reuses_the_finished_model(trained):
-    messages = []
-    card = train_classifiers(trained["data"], trained["out"], trained["cfg"], log=messages.append)
+def test_rerun_reuses_the_finished_model(trained, log_lines):
+    with log_lines() as messages:
+        card = train_classifiers(trained["data"], trained["out"], trained["cfg"])
     assert card.version == trained["card"].version
     assert any("already holds this model" in m for m in messages)
 
@@ -140,10 +140,10 @@ def test_killed_worker_resumes_and_killed_command_continues(tmp_path):
         ckpt_dir = next(runs.glob(f"*/runs/fold-0/{registered(0)[-1]}"))
         victim = psutil.Process(json.loads((ckpt_dir / "state.json").read_text())["pid"])
         assert "RayTrainWorker" in " ".join(victim.cmdline())
+        before = set(registered(0))  # Ray Train keeps 2: a new name, not a higher count, is a new checkpoint
         victim.kill()
         _wait_for(lambda: "resuming at epoch" in (tmp_path / "run1.log").read_text(), 240, "fold 0 to resume")
-        done_before = len(registered(0))
-        _wait_for(lambda: len(registered(0)) > done_before, 240, "fold 0 to checkpoint again")
+        _wait_for(lambda: set(registered(0)) - before, 240, "fold 0 to checkpoint again")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)

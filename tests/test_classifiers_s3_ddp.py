@@ -22,7 +22,7 @@ def test_train_on_s3_with_two_workers_per_fold(s3_ray):
     synth.write_archive("s3://archive/a", images=40, height=32, width=128, seed=2, mix="balanced", progress=None)
     cfg = ClassifierConfig(encoder="mobilenetv3_small_100", folds=2, epochs=2, size=(32, 128), batch_size=8,
                            workers_per_fold=2, cpus_per_worker=0.5, keep_checkpoints=True, load_threads=2)
-    card = train_classifiers("s3://archive/a", "s3://models/m", cfg, log=print)
+    card = train_classifiers("s3://archive/a", "s3://models/m", cfg)
     # checkpoints went to the bucket, one folder per epoch and fold
     ckpts = [p for p in fs.find("models/m/_train", withdirs=True) if p.rsplit("/", 1)[-1].startswith("checkpoint_2")]
     assert len({p.split("/runs/")[1].split("/")[1] for p in ckpts}) >= 4, ckpts

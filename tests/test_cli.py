@@ -36,6 +36,23 @@ def test_config_file_then_flags(tmp_path):
     assert "wrote 5 images (32x128)" in r.stdout
 
 
+def test_script_help_and_strict_config(tmp_path):
+    # the console script: generated flags show the config's defaults; a duplicate key is one line, exit 2
+    r = run("evaluate", "--help")
+    assert r.returncode == 0 and "(default: 8)" in r.stdout and "--no-guided" in r.stdout
+    r = run("train-classifiers", "--help")
+    assert r.returncode == 0 and "(default: 64)" in r.stdout and "(default: 256x1600)" in r.stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("classifier:\n  epochs: 3\n  epochs: 4\n")
+    r = run("train-classifiers", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--config", str(cfg))
+    assert r.returncode == 2 and "duplicate key 'epochs'" in r.stderr and str(cfg) in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    cfg.write_text("export:\n  format: rle\n")
+    r = run("export-coco", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "o.json"),
+            "--config", str(cfg))
+    assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def call(capsys, *args) -> tuple[int, str]:
     """In-process (the console script is ``main``; one subprocess check below covers the script)."""
     from cam2seg.cli import main
@@ -57,6 +74,9 @@ def test_clear_errors(tmp_path, capsys):
     assert rc == 2 and "no train.csv or labels.csv" in err
     rc, err = call(capsys, "synth", str(tmp_path / "a"), "--config", str(tmp_path / "nope.yaml"))
     assert rc == 2 and "config file not found" in err
+    cfg.write_text("synth:\n  images: true\n")
+    rc, err = call(capsys, "synth", str(tmp_path / "a"), "--config", str(cfg))
+    assert rc == 2 and "synth.images" in err and not (tmp_path / "a").exists()
 
 
 def test_label_errors_before_any_work(tmp_path, random_artifact, capsys):

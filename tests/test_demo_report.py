@@ -23,11 +23,12 @@ from cam2seg.review.report import build_report, pick_examples
 pytestmark = pytest.mark.slow
 
 
-def _run_cli(argv) -> tuple[int, str]:
-    buf = _io.StringIO()
-    with contextlib.redirect_stdout(buf):
+def _run_cli(argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of an in-process command."""
+    out, err = _io.StringIO(), _io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(argv)
-    return rc, buf.getvalue()
+    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +40,23 @@ def demo(tmp_path_factory):
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        rc, out = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        rc, out, err = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
         card_before = load_card(paths(str(work))["classifier"]).version
-        rc2, out2 = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        rc2, out2, err2 = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
     finally:
         ray.shutdown()
-    return {"work": work, "rc": rc, "out": out, "rc2": rc2, "out2": out2, "p": paths(str(work)),
+    return {"work": work, "rc": rc, "out": out, "err": err, "rc2": rc2, "out2": out2, "err2": err2, "p": paths(str(work)),
             "card_before": card_before}
 
 
 def test_demo_runs_every_stage(demo):
-    assert demo["rc"] == 0, demo["out"][-3000:]
-    out, p = demo["out"], demo["p"]
-    for n in range(1, 9):
-        assert f"== [{n}/8]" in out
+    assert demo["rc"] == 0, demo["err"][-3000:]
+    out, err, p = demo["out"], demo["err"], demo["p"]
+    for n in range(1, 9):   # stage lines are progress (stderr); tables and summaries results (stdout)
+        assert f"== [{n}/8]" in err and f"== [{n}/8]" not in out
     assert "paper's Table 2" in out and "paper's Table 3" in out
     assert re.search(r"== done in [\d.]+ min", out)
+    assert "[fold 0] epoch 1/" in err and "[fold 1] epoch 1/" in err
     arch = Archive.open(p["archive"])
     assert len(arch) == PRESETS["quick"]["synth"]["images"]
     card = load_card(p["classifier"])
@@ -63,19 +65,19 @@ def test_demo_runs_every_stage(demo):
     sweep = card.metrics["cam_oof_sweep"]
     assert len(sweep["dice"]) == 4 and all(len(d) == len(sweep["threshold"]) for d in sweep["dice"])
     runs = store.committed_runs(p["store"])
-    assert runs[-1]["complete"] and runs[-1]["model_version"] == card.version
+    assert runs[-1].complete and runs[-1].model_version == card.version
     masks = store.read_masks(p["store"], columns=["image_id", "class_id"])
     assert masks.num_rows == len(arch) * 4
     for seg, masks_src in ((p["segmenter"], p["store"]), (p["segmenter_truth"], "truth")):
         sc = load_card(seg)
-        assert sc.kind == "segmenter" and sc.training["masks"] == masks_src
+        assert sc.kind == "segmenter" and sc.training.masks == masks_src
         assert sc.metrics["seg_oof"] and sc.metrics["seg_oof_sweep"]["dice"]
-        assert sc.head["decoder_channels"] == PRESETS["quick"]["segmenter"]["decoder_channels"]
+        assert sc.head.decoder_channels == PRESETS["quick"]["segmenter"]["decoder_channels"]
 
 
 def test_demo_rerun_resumes_without_redoing_work(demo):
-    assert demo["rc2"] == 0, demo["out2"][-3000:]
-    out = demo["out2"]
+    assert demo["rc2"] == 0, demo["err2"][-3000:]
+    out = demo["out2"] + demo["err2"]
     assert "archive already present" in out
     assert "already holds this model" in out
     assert out.count("already holds this segmenter") == 2
@@ -90,8 +92,8 @@ def test_demo_refuses_a_workdir_of_other_settings(demo, tmp_path):
     meta = json.loads((work / "archive" / "synth.json").read_text())
     meta["images"] += 1
     (work / "archive" / "synth.json").write_text(json.dumps(meta))
-    rc, _ = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
-    assert rc == 2
+    rc, _, err = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+    assert rc == 2 and "cam2seg demo: error:" in err and "holds an archive made with" in err and "--workdir" in err
     assert not (work / "classifier").exists()
 
 
@@ -163,8 +165,7 @@ def test_report_without_true_masks_shows_scores_and_pictures_only(demo, tmp_path
     p = demo["p"]
     out = tmp_path / "rep"
     # labels.csv alone: image-level labels, no masks
-    s = build_report(str(out), archive=str(Path(p["archive"]) / "labels.csv"), store_url=p["store"], examples=2,
-                     log=lambda m: None)
+    s = build_report(str(out), archive=str(Path(p["archive"]) / "labels.csv"), store_url=p["store"], examples=2)
     text = (out / "index.html").read_text()
     assert "Table 3" not in text and "true mask (" not in text
     assert "no true masks given" in text and "class score" in text
@@ -175,17 +176,17 @@ def test_report_without_true_masks_shows_scores_and_pictures_only(demo, tmp_path
 
 def test_report_from_store_alone_finds_images_and_model(demo, tmp_path):
     out = tmp_path / "rep"
-    s = build_report(str(out), store_url=demo["p"]["store"], log=lambda m: None)
+    s = build_report(str(out), store_url=demo["p"]["store"])
     assert {"ROC-AUC", "gallery"} <= set(s.sections)
     text = (out / "index.html").read_text()
     assert "heatmap" in text and "Table 3" not in text
 
 
 def test_report_cli_errors(tmp_path):
-    rc, _ = _run_cli(["report", "--out", str(tmp_path / "r")])
-    assert rc == 2
-    rc, _ = _run_cli(["report", "--out", str(tmp_path / "r"), "--store", str(tmp_path / "nothing")])
-    assert rc == 2
+    rc, _, err = _run_cli(["report", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "give at least one of --store, --model, --segmenter" in err
+    rc, _, err = _run_cli(["report", "--out", str(tmp_path / "r"), "--store", str(tmp_path / "nothing")])
+    assert rc == 2 and "holds no committed labeling run" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "index.html").exists()
 
 

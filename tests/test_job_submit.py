@@ -56,14 +56,14 @@ def _same_as_in_process(table, images_url: str, model_url: str) -> None:
     """The stored masks are the plain function's on the same images (the job only moves data);
     up to a pixel's rounding at the threshold, as the actor sums in another thread count."""
     from cam2seg import preprocess, io
-    from cam2seg.models.classifier import load_fold_models
+    from cam2seg.models.predict import load_predictor
     from cam2seg.pipeline.label import label_images
-    from cam2seg.postprocess import PostProcess
 
-    card, models = load_fold_models(model_url)
+    predictor = load_predictor(model_url)
+    card = predictor.card
     ids = sorted(set(table.column("image_id").to_pylist()))
     imgs = preprocess.load_images([io.join(images_url, i) for i in ids], tuple(card.input_size))
-    cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [(64, 400)] * len(ids))
+    cols = label_images(predictor, imgs, [(64, 400)] * len(ids))
     rows = {(r["image_id"], r["class_id"]): r for r in table.to_pylist()}
     for j, i in enumerate(ids):
         for k, cid in enumerate(card.class_ids):
@@ -93,8 +93,8 @@ def test_label_archive_then_nightly_twice_through_ray_job_submit(ray_head, s3, i
     assert sorted(set(table.column("image_id").to_pylist())) == first
     assert table.num_rows == 12 * 4 and set(table.column("model_version").to_pylist()) == {card.version}
     (run1,) = store.committed_runs(STORE)
-    assert run1["complete"] and run1["labeled"] == 12 and not s3.exists(STORE.removeprefix("s3://") + "/_lock.json")
-    parts = [f"{STORE}/{p['file']}".removeprefix("s3://") for p in run1["parts"]["masks"]]
+    assert run1.complete and run1.labeled == 12 and not s3.exists(STORE.removeprefix("s3://") + "/_lock.json")
+    parts = [f"{STORE}/{p.file}".removeprefix("s3://") for p in run1.parts.masks]
     assert sum(pq.read_table(p, filesystem=s3).num_rows for p in parts) == 48   # plain Parquet underneath
     _same_as_in_process(table, IMAGES, MODEL)
 
@@ -111,7 +111,7 @@ def test_label_archive_then_nightly_twice_through_ray_job_submit(ray_head, s3, i
     assert "already labeled by any model: 12; labeled now: 4" in r.stdout
     assert f"labels: {STORE}" in r.stdout and "retraining is off" in r.stdout
     runs = store.committed_runs(STORE)
-    assert len(runs) == 2 and runs[-1]["labeled"] == 4 and runs[-1]["config"]["batch_size"] == 4
+    assert len(runs) == 2 and runs[-1].labeled == 4 and runs[-1].config["batch_size"] == 4
     new_rows = store.read_parts(STORE, runs[-1:], "masks", store.MASK_SCHEMA, ["image_id"])
     assert sorted(set(new_rows.column("image_id").to_pylist())) == second
 
@@ -132,13 +132,13 @@ def test_label_archive_then_nightly_twice_through_ray_job_submit(ray_head, s3, i
     table = store.read_masks(STORE, columns=["image_id", "run_id"]).to_pydict()
     by_image = dict(zip(table["image_id"], table["run_id"]))
     assert sorted(by_image) == first + second + third
-    assert {by_image[i] for i in first} == {runs[0]["run_id"]}
-    assert {by_image[i] for i in third} == {runs[2]["run_id"]}
+    assert {by_image[i] for i in first} == {runs[0].run_id}
+    assert {by_image[i] for i in third} == {runs[2].run_id}
     # the segmenter was trained on the whole store, as the config's segmenter section says
     seg_card = load_card(seg)
-    assert seg_card.kind == "segmenter" and seg_card.training["masks"] == STORE
-    assert seg_card.training["store_runs"] == [m["run_id"] for m in runs] and seg_card.data["images"] == 19
-    assert seg_card.folds == 2 and seg_card.head["decoder_channels"] == [32, 16, 16, 8, 8]
+    assert seg_card.kind == "segmenter" and seg_card.training.masks == STORE
+    assert seg_card.training.store_runs == [m.run_id for m in runs] and seg_card.data["images"] == 19
+    assert seg_card.folds == 2 and seg_card.head.decoder_channels == [32, 16, 16, 8, 8]
 
 
 def test_a_failing_job_fails_with_a_clear_message(ray_head, s3):

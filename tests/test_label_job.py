@@ -17,10 +17,9 @@ from PIL import Image
 
 from cam2seg import preprocess, store
 from cam2seg.synthetic import synth
-from cam2seg.models.classifier import load_fold_models
+from cam2seg.models.predict import load_predictor
 from cam2seg.config import LabelConfig
 from cam2seg.pipeline.label import label_archive, label_images
-from cam2seg.postprocess import PostProcess
 
 pytestmark = pytest.mark.slow
 CFG = dict(batch_size=4, read_batch=8, images_per_file=8, commit_every=8, lease_ttl=30)
@@ -83,10 +82,9 @@ def setup(tmp_path_factory, random_artifact):
 
 def expected_rows(model_url, images_dir, ids):
     """The same images through the in-process engine: what the store must hold."""
-    card, models = load_fold_models(model_url)
-    pp = PostProcess(**card.postprocess)
-    imgs = preprocess.load_images([os.path.join(images_dir, i) for i in ids], tuple(card.input_size))
-    cols = label_images(models, card, pp, imgs, [(64, 400)] * len(ids))
+    predictor = load_predictor(model_url)
+    imgs = preprocess.load_images([os.path.join(images_dir, i) for i in ids], tuple(predictor.card.input_size))
+    cols = label_images(predictor, imgs, [(64, 400)] * len(ids))
     return {(i, c): e for i, c, e in zip([i for i in ids for _ in range(4)], cols["class_id"], cols["encoded_pixels"])}
 
 
@@ -94,7 +92,7 @@ def expected_rows(model_url, images_dir, ids):
 def labeled(ray_local, setup):
     """One full run into a fresh store (tests that write copy it first)."""
     out = str(setup["root"] / "store")
-    return out, label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), log=print)
+    return out, label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG))
 
 
 def test_labels_every_image_once_and_reconciles_bad_files(setup, labeled):
@@ -116,19 +114,19 @@ def test_labels_every_image_once_and_reconciles_bad_files(setup, labeled):
     assert sum(bool(e) for e in got.values()) >= 10
     assert sum(s["positives"].values()) == sum(bool(e) for e in got.values())
     marker = store.committed_runs(out)[0]
-    assert marker["complete"] and marker["labeled"] == 20 and marker["errors"] == 7
-    assert len(marker["parts"]["masks"]) >= 3  # images_per_file=8: parts, not one file per image
+    assert marker.complete and marker.labeled == 20 and marker.errors == 7
+    assert len(marker.parts.masks) >= 3  # images_per_file=8: parts, not one file per image
 
 
-def test_incremental_relabel_and_new_model_version(setup, labeled, tmp_path):
+def test_incremental_relabel_and_new_model_version(setup, labeled, tmp_path, log_lines):
     out = str(tmp_path / "store")
     shutil.copytree(labeled[0], out)
     first = labeled[1]
     again = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True)
     assert again["skipped"] == 20 and again["labeled"] == 0 and again["errors"] == 7  # bad files retried
-    logs = []
-    forced = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True, relabel=True,
-                           log=logs.append)
+    with log_lines() as logs:
+        forced = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), incremental=True,
+                               relabel=True)
     assert forced["labeled"] == 20
     progress = [m for m in logs if m.startswith("committed ")]   # a long run's progress in job logs
     assert progress and all(" / 27 images (" in m and "images/s" in m for m in progress)
@@ -188,7 +186,7 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(ray_local, setup, tmp_path
 
     th = threading.Thread(target=kill_labeler, daemon=True)
     th.start()
-    s = label_archive(setup["model"], images, out, LabelConfig(**{**CFG, "batch_size": 2}), log=print)
+    s = label_archive(setup["model"], images, out, LabelConfig(**{**CFG, "batch_size": 2}))
     th.join(5)
     assert killed, "the labeling actor was never found and killed"
     assert s["labeled"] == 40 and s["errors"] == 0
@@ -234,14 +232,14 @@ def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
             except psutil.Error:
                 pass
     partial = store.committed_runs(str(out))[0]
-    assert not partial["complete"] and 8 <= partial["labeled"] < 32
+    assert not partial.complete and 8 <= partial.labeled < 32
     assert json.loads((out / "_lock.json").read_text())["pid"] == proc.pid  # left behind by the kill
 
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already labeled by model" in r.stdout
     runs = store.committed_runs(str(out))
-    assert runs[-1]["complete"] and runs[-1]["labeled"] == 32 - partial["labeled"]
+    assert runs[-1].complete and runs[-1].labeled == 32 - partial.labeled
     t = store.read_masks(str(out))
     pairs = set(zip(t.column("image_id").to_pylist(), t.column("class_id").to_pylist()))
     assert t.num_rows == 128 and len(pairs) == 128

@@ -22,7 +22,7 @@ def _segmenter_card(url: str, masks: str, runs: list[str]) -> ModelCard:
 
 
 def test_new_labels_counts_runs_the_segmenter_has_not_seen():
-    runs = [{"run_id": "a", "labeled": 10}, {"run_id": "b", "labeled": 5}, {"run_id": "c"}]
+    runs = [store.RunMarker(run_id="a", labeled=10), store.RunMarker(run_id="b", labeled=5), store.RunMarker(run_id="c")]
     assert new_labels(runs, []) == 15
     assert new_labels(runs, ["a"]) == 5
     assert new_labels(runs, ["a", "b", "c"]) == 0

@@ -60,11 +60,11 @@ def test_listings_see_what_other_processes_wrote_since(s3):
     assert io.list_images("s3://fresh/images") == ["a.jpg"]
     assert store.committed_runs("s3://fresh/labels") == []
     store.commit("s3://fresh/labels", "run-1", {"parts": {"masks": [], "errors": []}})
-    assert [m["run_id"] for m in store.committed_runs("s3://fresh/labels")] == ["run-1"]
+    assert [m.run_id for m in store.committed_runs("s3://fresh/labels")] == ["run-1"]
     other = s3fs.S3FileSystem(skip_instance_cache=True)
     other.pipe_file("fresh/images/b.jpg", b"y")
     other.pipe_file("fresh/labels/_runs/run-2.json", b'{"run_id": "run-2", "parts": {"masks": [], "errors": []}}')
     other.pipe_file("fresh/labels/masks/run=run-2/part-0.parquet", b"z")
     assert io.list_images("s3://fresh/images") == ["a.jpg", "b.jpg"]
-    assert [m["run_id"] for m in store.committed_runs("s3://fresh/labels")] == ["run-1", "run-2"]
+    assert [m.run_id for m in store.committed_runs("s3://fresh/labels")] == ["run-1", "run-2"]
     assert io.exists("s3://fresh/labels/masks/run=run-2/part-0.parquet")

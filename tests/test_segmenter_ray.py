@@ -14,8 +14,8 @@ from cam2seg.archive import Archive
 from cam2seg.artifact import load_card
 from cam2seg.config import LabelConfig, SegmenterConfig
 from cam2seg.folds import FOLDS_FILE, folds_csv, load_folds, make_folds
-from cam2seg.pipeline.label import label_archive, label_images, load_label_models
-from cam2seg.postprocess import PostProcess
+from cam2seg.models.predict import load_predictor
+from cam2seg.pipeline.label import label_archive, label_images
 from cam2seg.evaluate.segmenters import evaluate_segmenters
 from cam2seg.pipeline.segment import train_segmenter
 
@@ -45,7 +45,7 @@ def _pseudo_store(archive: Archive, url: str, model: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(small_archive, tmp_path_factory):
+def trained(small_archive, tmp_path_factory, log_lines):
     import ray
 
     root = tmp_path_factory.mktemp("stage3")
@@ -58,11 +58,11 @@ def trained(small_archive, tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    logs = []
     try:
         out = str(root / "seg")
-        card = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG), log=logs.append)
-        again = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG), log=logs.append)
+        with log_lines() as logs:
+            card = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG))
+            again = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG))
         yield {"archive": archive, "root": root, "store": pseudo, "seg": out, "card": card, "again": again,
                "folds": folds, "logs": logs}
     finally:
@@ -72,10 +72,10 @@ def trained(small_archive, tmp_path_factory):
 def test_segmenter_artifact_card_and_folds(trained):
     card = trained["card"]
     assert card.kind == "segmenter" and card.architecture == CFG["encoder"] and card.folds == 2
-    assert card.head["architecture"] == "Unet" and tuple(card.input_size) == CFG["size"]
-    assert card.training["masks"] == trained["store"] and card.training["store_runs"] == ["run-a"]
-    assert card.training["refinements"] == {"absent_zero": True, "present_empty": "ignore", "ignore_band": 1}
-    assert card.postprocess["threshold"] == 0.2 and card.postprocess["min_seg_len"] == 0
+    assert card.head.architecture == "Unet" and tuple(card.input_size) == CFG["size"]
+    assert card.training.masks == trained["store"] and card.training.store_runs == ["run-a"]
+    assert card.training.refinements == {"absent_zero": True, "present_empty": "ignore", "ignore_band": 1}
+    assert card.postprocess.threshold == 0.2 and card.postprocess.min_seg_len == 0
     # the classifier's split, not a new one
     seg_folds = load_folds(io.join(trained["seg"], FOLDS_FILE))
     assert [seg_folds[i] for i in trained["archive"].image_ids] == trained["folds"].tolist()
@@ -90,13 +90,12 @@ def test_segmenter_artifact_card_and_folds(trained):
 
 def test_table3_scores_store_and_segmenter(trained):
     archive = trained["archive"]
-    rows, table = evaluate_segmenters(str(archive.root), [trained["seg"]], trained["store"], log=print)
+    rows, table = evaluate_segmenters(str(archive.root), [trained["seg"]], trained["store"])
     print(table)
-    names = list(rows)
-    stored = next(n for n in names if n.startswith("CAM pseudo-masks as stored"))
-    paper = next(n for n in names if n.endswith("paper (thr 0.2, min 0)"))
-    tuned = next(n for n in names if n.endswith("tuned per class (OOF)"))
-    assert "baseline: all-empty" in names and "baseline: whole image if accepted" in names
+    folder = trained["seg"].rstrip("/").rsplit("/", 1)[-1]
+    stored, paper, tuned = "store/as-stored", f"segmenter:{folder}/paper", f"segmenter:{folder}/tuned-per-class"
+    assert {stored, paper, tuned, "baseline/all-empty", "baseline/whole-image"} <= set(rows)
+    assert rows.label(paper).endswith("paper (thr 0.2, min 0)") and rows.label(paper) in table
     # the stored row equals Dice computed directly from decoded masks
     t = store.read_masks(trained["store"]).to_pylist()
     pred = {(r["image_id"], r["class_id"]): store.decode_mask(r) for r in t}
@@ -107,24 +106,26 @@ def test_table3_scores_store_and_segmenter(trained):
     assert rows[stored].kaggle_mean == pytest.approx(expect.kaggle_mean)
     assert rows[tuned].kaggle_mean >= rows[paper].kaggle_mean - 1e-9  # tuned for the Kaggle mean
     card = load_card(trained["seg"])
-    assert card.postprocess["tuned"] is True and paper in card.metrics["seg_oof"]
+    assert card.postprocess.tuned is True and set(card.metrics["seg_oof"]) == {paper, tuned}
+    assert card.metrics["seg_oof"][tuned]["kaggle_mean"] == pytest.approx(rows[tuned].kaggle_mean)
 
 
 def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
     archive = trained["archive"]
     out = str(tmp_path / "labels")
-    summary = label_archive(trained["seg"], archive.images_url, out, LabelConfig(batch_size=8), log=print)
+    summary = label_archive(trained["seg"], archive.images_url, out, LabelConfig(batch_size=8))
     assert summary["labeled"] == len(archive) and summary["errors"] == 0
     got = store.read_masks(out).to_pylist()
     assert len(got) == len(archive) * 4
     marker = store.committed_runs(out)[-1]
-    assert marker["model_kind"] == "segmenter" and marker["complete"]
-    card, models = load_label_models(trained["seg"])
+    assert marker.model_kind == "segmenter" and marker.complete
+    predictor = load_predictor(trained["seg"])
+    card = predictor.card
     ids = archive.image_ids[:8]
     imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
     shape = archive.image_shape(ids[0])
     with torch.no_grad():
-        cols = label_images(models, card, PostProcess(**card.postprocess), imgs, [shape] * len(ids))
+        cols = label_images(predictor, imgs, [shape] * len(ids))
     by_key = {(r["image_id"], r["class_id"]): r for r in got}
     for j, (enc, area) in enumerate(zip(cols["encoded_pixels"], cols["area"])):
         r = by_key[(ids[j // 4], card.class_ids[j % 4])]

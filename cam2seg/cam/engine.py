@@ -30,9 +30,12 @@ from .gradcam import gradcam_weights
 from .gradcam_plusplus import gradcam_plusplus_weights
 from .guided import GUIDED_METHODS, guided_backprop, guided_model, guided_saliency
 
-__all__ = ["METHODS", "GUIDED_METHODS", "AUG_VARIANTS", "compute_cams", "feature_maps_to_cams", "head_gradients"]
+__all__ = ["METHODS", "GUIDED_METHODS", "CAM_METHODS", "DEFAULT_METHOD", "AUG_VARIANTS", "compute_cams", "feature_maps_to_cams", "head_gradients"]
 
 METHODS = {"gradcam": gradcam_weights, "gradcam++": gradcam_plusplus_weights}
+# Every name the fast engine takes: the one list that config, CLI and predictors read.
+CAM_METHODS: tuple[str, ...] = (*METHODS, *GUIDED_METHODS)
+DEFAULT_METHOD = "gradcam++"  # the paper's
 # (horizontal flip, intensity factor): pytorch-grad-cam's default aug smoothing.
 AUG_VARIANTS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 _SCALE_EPS = 1e-7
@@ -97,7 +100,7 @@ def _guided_one_model(model, x: torch.Tensor, method: str, variants, variants_pe
     return _minmax(cams * saliency), probs
 
 
-def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = True,
+def compute_cams(model, images: torch.Tensor, method: str = DEFAULT_METHOD, aug_smooth: bool = True,
                  out_size: tuple[int, int] | None = None,
                  variants_per_pass: int | None = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """CAMs of every class for a batch, on the model's device.
@@ -117,8 +120,8 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
     if images.ndim != 4:
         raise ValueError(f"images must be [B, 3, h, w], got {tuple(images.shape)}")
     variants = AUG_VARIANTS if aug_smooth else ((False, 1.0),)
-    if method not in METHODS and method not in GUIDED_METHODS:
-        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join([*METHODS, *GUIDED_METHODS])}")
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join(CAM_METHODS)}")
     one = _guided_one_model if method in GUIDED_METHODS else _one_model
     cams, probs = None, None
     for m in models:

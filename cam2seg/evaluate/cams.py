@@ -14,40 +14,48 @@ kept and any post-processing setting scores without recomputing a CAM. The rows:
 all at the paper's post-processing (confidence 0.5, threshold 0.3, min_seg_len 0) unless
 tuned, with the two baselines beside them (all-empty; whole image for every class the
 classifier accepts at confidence 0.5).
+
+Scoring (:func:`score_cams`) only computes; :func:`write_cam_scores` records the tuned setting
+and the rows in the classifier's card; :func:`evaluate_cams` is the two in a row.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .. import preprocess, io, metrics
+from .. import io, metrics, preprocess
 from . import tuning
+from .rows import Table, card_rows, scored_rows
 from ..archive import Archive, ArchiveError
-from ..artifact import load_card, update_card
-from ..cam import compute_cams
-from ..models.classifier import load_fold_models
+from ..artifact import ModelCard, load_card, update_card
 from ..folds import FOLDS_FILE, load_folds
-from ..postprocess import PAPER, PostProcess
+from ..models.predict import Predictor, load_predictor
+from ..postprocess import PAPER, CardPostProcess, PostProcess
 
-__all__ = ["CamStats", "oof_map_stats", "oof_cam_stats", "pair_dice", "evaluate_cams", "VARIANTS"]
+__all__ = ["CamStats", "CamScores", "oof_map_stats", "oof_cam_stats", "pair_dice", "score_cams", "write_cam_scores",
+           "evaluate_cams", "VARIANTS", "GUIDED_VARIANT", "TUNED_VARIANT", "TUNED_ROW"]
 
-# name -> (method, aug_smooth, weights)
+_log = logging.getLogger(__name__)
+
+# row id -> (label, method, aug_smooth, weights)
 VARIANTS = {
-    "GradCAM": ("gradcam", False, "best-epoch"),
-    "GradCAM++": ("gradcam++", False, "best-epoch"),
-    "GradCAM++ + SWA + aug smooth": ("gradcam++", True, "swa"),
+    "gradcam": ("GradCAM", "gradcam", False, "best-epoch"),
+    "gradcam++": ("GradCAM++", "gradcam++", False, "best-epoch"),
+    "gradcam++_swa_aug": ("GradCAM++ + SWA + aug smooth", "gradcam++", True, "swa"),
 }
-GUIDED_VARIANT = {"Guided GradCAM++ + SWA + aug smooth": ("guided-gradcam++", True, "swa")}
+GUIDED_VARIANT = {"guided-gradcam++_swa_aug": ("Guided GradCAM++ + SWA + aug smooth", "guided-gradcam++", True, "swa")}
+TUNED_VARIANT = "gradcam++_swa_aug"  # the variant whose tuned setting the card keeps
+TUNED_ROW = f"{TUNED_VARIANT}/tuned-per-class"
 
 
 @dataclass
 class CamStats:
-    """OOF histograms of one CAM variant over an archive (see :mod:`cam2seg.evaluate.tuning`)."""
+    """OOF histograms of one map variant over an archive (see :mod:`cam2seg.evaluate.tuning`)."""
 
     image_ids: list[str]
     h_all: np.ndarray  # int64[N, C, BINS]
@@ -58,105 +66,118 @@ class CamStats:
     seconds: float
 
 
-def _device(device):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def oof_map_stats(archive: Archive, folds: dict[str, int], models: list, card, map_fn, batch_size: int = 8,
-                  device=None, what: str = "maps", log=None) -> CamStats:
-    """Histograms of maps in [0, 1] of every image of ``archive`` by its out-of-fold model.
-
-    ``map_fn(model, x, out_size)`` -> (maps ``float[B, C, H, W]``, scores ``float[B, C]``); ``x``
-    is the batch at ``card.input_size``, normalised with the card's mean and std.
-    """
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    dev = _device(device)
+def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor, batch_size: int = 8,
+                  what: str = "maps") -> CamStats:
+    """Histograms of ``predictor``'s maps in [0, 1] of every image of ``archive``, each image
+    mapped by its out-of-fold model (``folds``: image id -> fold)."""
     missing = [i for i in archive.image_ids if i not in folds]
     if missing:
         raise ArchiveError(f"{len(missing)} image(s) of {archive.root} are not in the model's folds "
                            f"(e.g. {missing[0]}): evaluate on the archive the model was trained on")
+    card, dev = predictor.card, predictor.device
     shape = archive.image_shape(archive.image_ids[0])
     n, c = len(archive), card.num_classes
     out = CamStats(list(archive.image_ids), np.zeros((n, c, tuning.BINS), np.int64),
                    np.zeros((n, c, tuning.BINS), np.int64), np.zeros((n, c), np.int64),
                    np.zeros((n, c), np.float32), shape[0] * shape[1], 0.0)
     t0 = time.perf_counter()
-    for k, model in enumerate(models):
+    for k in range(len(predictor.models)):
         idx = [i for i, iid in enumerate(archive.image_ids) if folds[iid] == k]
         for s in range(0, len(idx), batch_size):
             rows = idx[s : s + batch_size]
             ids = [archive.image_ids[i] for i in rows]
             imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
             truth = np.stack([archive.masks(i, shape) for i in ids])
-            x = preprocess.to_input(imgs, card.mean, card.std, device=dev)
-            maps, scores = map_fn(model, x, shape)
+            maps, scores = predictor.maps(imgs, out_size=shape, fold=k)
             h_all, h_in = tuning.cam_histograms(maps, torch.from_numpy(truth).to(dev))
             out.h_all[rows], out.h_in[rows] = h_all, h_in
             out.true_area[rows] = truth.sum(axis=(-2, -1))
             out.probs[rows] = scores.cpu().numpy()
-        log(f"  {what}: fold {k} done, "
-            f"{(sum(folds[i] <= k for i in archive.image_ids)) / (time.perf_counter() - t0):.1f} images/s")
+        _log.info(f"  {what}: fold {k} done, "
+                  f"{(sum(folds[i] <= k for i in archive.image_ids)) / (time.perf_counter() - t0):.1f} images/s")
     out.seconds = time.perf_counter() - t0
     return out
 
 
 def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: bool, weights: str = "swa",
-                  batch_size: int = 8, device=None, log=None) -> CamStats:
+                  batch_size: int = 8, device=None) -> CamStats:
     """Map every image of ``archive`` with its out-of-fold classifier; return histograms."""
-    card, models = load_fold_models(model_url, _device(device), weights=weights)
+    predictor = load_predictor(model_url, device, weights=weights, method=method, aug_smooth=aug_smooth)
     folds = load_folds(io.join(model_url, FOLDS_FILE))
-    return oof_map_stats(archive, folds, models, card,
-                         lambda m, x, size: compute_cams(m, x, method, aug_smooth, out_size=size),
-                         batch_size, device, f"{method}{' + aug' if aug_smooth else ''} ({weights})", log)
+    return oof_map_stats(archive, folds, predictor, batch_size, f"{method}{' + aug' if aug_smooth else ''} ({weights})")
 
 
 def pair_dice(st: CamStats, pp: PostProcess) -> np.ndarray:
     return metrics.dice_from_counts(*tuning.counts_at(st.h_all, st.h_in, st.true_area, st.probs, pp, st.image_area))
 
 
-def evaluate_cams(model_url: str, truth_url: str, *, write: bool = True, objective: str = "kaggle",
-                  batch_size: int = 8, guided: bool = True, device=None, log=None) -> tuple[dict, str]:
-    """Table 2 for the archive at hand; tunes post-processing and (``write``) stores it in the card.
+@dataclass
+class CamScores:
+    """What :func:`score_cams` found: the rows (id -> Dice), the printed table, the tuned
+    settings and the sweep curves of :data:`TUNED_VARIANT`."""
 
-    Returns (rows: name -> DiceScores, printed table).
-    """
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    rows: Table
+    table: str
+    tuned: tuning.Tuned
+    objective: str
+
+
+def score_cams(model_url: str, truth_url: str, *, objective: str = "kaggle", batch_size: int = 8,
+               guided: bool = True, device=None) -> CamScores:
+    """Table 2 for the archive at hand, post-processing tuned on the OOF maps (nothing written)."""
     archive = Archive.open(truth_url)
     if not archive.has_masks:
         raise ArchiveError(f"{archive.source} has no masks: CAM masks can only be scored against true masks")
+    variants = {**VARIANTS, **(GUIDED_VARIANT if guided else {})}
     stats = {}
-    for name, (method, aug, weights) in {**VARIANTS, **(GUIDED_VARIANT if guided else {})}.items():
-        log(f"CAM variant: {name}")
-        stats[name] = oof_cam_stats(model_url, archive, method, aug, weights, batch_size, device, log)
-    final = stats["GradCAM++ + SWA + aug smooth"]
+    for vid, (label, method, aug, weights) in variants.items():
+        _log.info(f"CAM variant: {label}")
+        stats[vid] = oof_cam_stats(model_url, archive, method, aug, weights, batch_size, device)
+    final = stats[TUNED_VARIANT]
     tuned = tuning.sweep(final.h_all, final.h_in, final.true_area, final.probs, final.image_area,
                          objective=objective)
-    pair = {f"{name} (paper: conf 0.5, thr 0.3, min 0)": pair_dice(st, PAPER) for name, st in stats.items()}
-    pair["GradCAM++ + SWA + aug smooth, tuned (global)"] = pair_dice(final, tuned.global_pp)
-    pair["GradCAM++ + SWA + aug smooth, tuned (per class)"] = pair_dice(final, tuned.per_class_pp)
-    for name in GUIDED_VARIANT if guided else ():
-        st = stats[name]
+    pair, labels = {}, {}
+    for vid, st in stats.items():
+        pair[f"{vid}/paper"], labels[f"{vid}/paper"] = pair_dice(st, PAPER), f"{variants[vid][0]} (paper: conf 0.5, thr 0.3, min 0)"
+    tuned_label = variants[TUNED_VARIANT][0]
+    pair[f"{TUNED_VARIANT}/tuned-global"] = pair_dice(final, tuned.global_pp)
+    labels[f"{TUNED_VARIANT}/tuned-global"] = f"{tuned_label}, tuned (global)"
+    pair[TUNED_ROW], labels[TUNED_ROW] = pair_dice(final, tuned.per_class_pp), f"{tuned_label}, tuned (per class)"
+    for vid in GUIDED_VARIANT if guided else ():
+        st = stats[vid]
         own = tuning.sweep(st.h_all, st.h_in, st.true_area, st.probs, st.image_area, objective=objective)
-        pair[f"{name}, tuned (per class)"] = pair_dice(st, own.per_class_pp)
-    accepted = final.probs >= 0.5
-    rows = metrics.dice_with_baselines(pair, final.true_area, final.image_area, accepted)
+        pair[f"{vid}/tuned-per-class"] = pair_dice(st, own.per_class_pp)
+        labels[f"{vid}/tuned-per-class"] = f"{variants[vid][0]}, tuned (per class)"
+    rows = scored_rows(pair, labels, final.true_area, final.image_area, final.probs >= 0.5)
     n_def = int((final.true_area.sum(axis=1) > 0).sum())
-    table = metrics.format_dice_table(
-        rows, [f"class {i + 1}" for i in range(final.true_area.shape[1])],
-        title=f"CAM pseudo-masks, out-of-fold, {n_def} defective images (paper's Table 2)")
+    table = rows.format([f"class {i + 1}" for i in range(final.true_area.shape[1])],
+                        f"CAM pseudo-masks, out-of-fold, {n_def} defective images (paper's Table 2)")
     gp, cp = tuned.global_pp, tuned.per_class_pp
-    notes = (f"tuned on these OOF maps for the {objective} mean: global confidence {gp.confidence}, threshold "
-             f"{gp.threshold}, min_seg_len {gp.min_seg_len}; per class confidence {cp.confidence}, threshold "
-             f"{cp.threshold}, min_seg_len {cp.min_seg_len}")
-    table = table + "\n" + notes
+    table += (f"\ntuned on these OOF maps for the {objective} mean: global confidence {gp.confidence}, threshold "
+              f"{gp.threshold}, min_seg_len {gp.min_seg_len}; per class confidence {cp.confidence}, threshold "
+              f"{cp.threshold}, min_seg_len {cp.min_seg_len}")
+    return CamScores(rows, table, tuned, objective)
+
+
+def write_cam_scores(model_url: str, scores: CamScores) -> ModelCard:
+    """Record the tuned per-class setting (the labeling job's from now on), the rows and the sweep
+    in the classifier's card; returns the rewritten card (its version changes)."""
+    _, method, aug, _ = VARIANTS[TUNED_VARIANT]
+    t = scores.tuned
+    post = CardPostProcess(**t.per_class_pp.model_dump(), global_setting=t.global_pp, tuned=True,
+                           objective=scores.objective, method=method, aug_smooth=aug)
+    card = load_card(model_url)
+    card = update_card(model_url, card, postprocess=post, metrics={
+        **card.metrics, "cam_oof": card_rows(scores.rows), "cam_oof_sweep": t.curves()})
+    _log.info(f"wrote tuned post-processing into {model_url}/model.json (version now {card.version})")
+    return card
+
+
+def evaluate_cams(model_url: str, truth_url: str, *, write: bool = True, objective: str = "kaggle",
+                  batch_size: int = 8, guided: bool = True, device=None) -> tuple[Table, str]:
+    """:func:`score_cams`, then (``write``) :func:`write_cam_scores`; returns (rows, printed table)."""
+    scores = score_cams(model_url, truth_url, objective=objective, batch_size=batch_size, guided=guided,
+                        device=device)
     if write:
-        card = load_card(model_url)
-        post = {**cp.model_dump(), "global": gp.model_dump(), "tuned": True, "objective": objective,
-                "method": "gradcam++", "aug_smooth": True}
-        cam_metrics = {name: {"kaggle_mean": s.kaggle_mean, "positive_mean": s.positive_mean,
-                              "kaggle": s.kaggle.tolist(), "positive": s.positive.tolist()}
-                       for name, s in rows.items()}
-        card = update_card(model_url, card, postprocess=post, metrics={**card.metrics, "cam_oof": cam_metrics,
-                                                                       "cam_oof_sweep": tuned.curves()})
-        log(f"wrote tuned post-processing into {model_url}/model.json (version now {card.version})")
-    return rows, table
+        write_cam_scores(model_url, scores)
+    return scores.rows, scores.table

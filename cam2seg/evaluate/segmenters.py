@@ -9,35 +9,41 @@ Rows, all on the archive's defective images, each beside the two trivial baselin
   gate) and with post-processing tuned on these maps per class (gate: the map's maximum).
 
 Tuning reuses :mod:`cam2seg.evaluate.tuning`'s histograms, so every setting is scored exactly without
-recomputing a map.
+recomputing a map. :func:`score_segmenters` only computes; :func:`write_segmenter_scores` records
+a segmenter's tuned setting and rows in its card; :func:`evaluate_segmenters` is the two in a row.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import io, metrics, rle, store
 from . import tuning
+from .cams import TUNED_ROW, CamStats, oof_map_stats, pair_dice
+from .rows import Table, card_row_scores, card_rows, scored_rows
 from ..archive import Archive, ArchiveError
-from ..artifact import load_card, update_card
-from .cams import CamStats, _device, oof_map_stats, pair_dice
+from ..artifact import ModelCard, load_card, update_card
 from ..folds import FOLDS_FILE, load_folds
-from ..postprocess import PostProcess
-from ..models.segmenter import load_segmenters, predict_maps
+from ..models.predict import load_predictor
+from ..postprocess import PAPER_SEGMENTER, CardPostProcess
 
-__all__ = ["oof_seg_stats", "store_pair_dice", "evaluate_segmenters", "tuned_cam_row", "PAPER_SEG"]
+__all__ = ["oof_seg_stats", "store_pair_dice", "score_segmenters", "write_segmenter_scores", "evaluate_segmenters",
+           "tuned_cam_row", "SegmenterScores", "STORE_ROW", "CARD_CAM_ROW"]
 
-PAPER_SEG = PostProcess(confidence=0.0, threshold=0.2, min_seg_len=0)
+_log = logging.getLogger(__name__)
+
+STORE_ROW = "store/as-stored"
+CARD_CAM_ROW = "classifier-card/" + TUNED_ROW
 
 
-def oof_seg_stats(seg_url: str, archive: Archive, batch_size: int = 8, device=None, log=None) -> CamStats:
+def oof_seg_stats(seg_url: str, archive: Archive, batch_size: int = 8, device=None) -> CamStats:
     """Out-of-fold probability-map histograms of a segmenter artifact over ``archive``."""
-    card, models = load_segmenters(seg_url, _device(device))
+    predictor = load_predictor(seg_url, device)
     folds = load_folds(io.join(seg_url, FOLDS_FILE))
-    return oof_map_stats(archive, folds, models, card, lambda m, x, size: predict_maps(m, x, size), batch_size,
-                         device, f"segmenter {seg_url}", log)
+    return oof_map_stats(archive, folds, predictor, batch_size, f"segmenter {seg_url}")
 
 
 def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> np.ndarray:
@@ -64,15 +70,13 @@ def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> 
 
 
 def tuned_cam_row(card) -> dict | None:
-    """Table 2's tuned per-class row as a classifier card recorded it (kaggle/positive scores
-    as plain lists), or None before ``cam2seg evaluate`` wrote it."""
-    rows = card.metrics.get("cam_oof", {})
-    name = next((n for n in rows if n.startswith("GradCAM++ + SWA + aug smooth, tuned (per class)")), None)
-    return rows[name] if name is not None else None
+    """Table 2's tuned per-class row as a classifier card recorded it (``label``, kaggle/positive
+    scores as plain lists), or None before ``cam2seg evaluate`` wrote it."""
+    return card.metrics.get("cam_oof", {}).get(TUNED_ROW)
 
 
-def _card_cam_row(model_url: str) -> tuple[str, metrics.DiceScores] | None:
-    """:func:`tuned_cam_row` of the classifier at ``model_url`` as a named table row, if evaluated."""
+def _card_cam_row(model_url: str) -> tuple[str, str, metrics.DiceScores] | None:
+    """(id, label, scores) of :func:`tuned_cam_row` of the classifier at ``model_url``, if evaluated."""
     try:
         card = load_card(model_url)
     except Exception:  # noqa: BLE001 - an unreadable card just leaves the row out
@@ -80,9 +84,7 @@ def _card_cam_row(model_url: str) -> tuple[str, metrics.DiceScores] | None:
     r = tuned_cam_row(card)
     if r is None:
         return None
-    return (f"CAM masks OOF, tuned per class (from {model_url}'s card)",
-            metrics.DiceScores(np.asarray(r["kaggle"]), np.asarray(r["positive"]), r["kaggle_mean"],
-                               r["positive_mean"], 0, np.zeros(len(r["kaggle"]), int)))
+    return CARD_CAM_ROW, f"CAM masks OOF, tuned per class (from {model_url}'s card)", card_row_scores(r)
 
 
 def _seg_name(card, url: str) -> str:
@@ -92,10 +94,10 @@ def _seg_name(card, url: str) -> str:
 
 
 def _recipe(card) -> str:
-    masks = card.training.get("masks", "?")
+    masks = card.training.masks or "?"
     if masks == "truth":
         return f"U-Net ({card.architecture}) on true masks"
-    ref = card.training.get("refinements") or {}
+    ref = card.training.refinements or {}
     parts = [k for k in ("absent_zero",) if ref.get(k)]
     if ref.get("ignore_band"):
         parts.append(f"band {ref['ignore_band']}")
@@ -104,59 +106,97 @@ def _recipe(card) -> str:
     return f"U-Net ({card.architecture}) on pseudo-masks{' (' + ', '.join(parts) + ')' if parts else ''}"
 
 
-def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
-                        objective: str = "kaggle", write: bool = True, batch_size: int = 8, device=None,
-                        log=None) -> tuple[dict, str]:
-    """Table 3 for the archive at hand; returns (rows: name -> DiceScores, printed table). With
-    ``write``, each segmenter's card gets its tuned post-processing and scores."""
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+@dataclass
+class SegmenterScores:
+    """What :func:`score_segmenters` found: the rows (id -> Dice) and the printed table, and per
+    segmenter URL its tuned setting, its own row ids and its sweep curves."""
+
+    rows: Table
+    table: str
+    objective: str
+    tuned: dict[str, tuning.Tuned] = field(default_factory=dict)
+    row_ids: dict[str, list[str]] = field(default_factory=dict)
+    stats: dict[str, CamStats] = field(default_factory=dict, repr=False)
+    pairs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # row id -> pair Dice float[N, C]
+
+
+def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
+                     objective: str = "kaggle", batch_size: int = 8, device=None) -> SegmenterScores:
+    """Table 3 for the archive at hand (nothing written)."""
     archive = Archive.open(truth_url)
     if not archive.has_masks:
         raise ArchiveError(f"{archive.source} has no masks: masks can only be scored against true masks")
-    pair, extra_rows, notes = {}, {}, []
+    pair, labels, extra, notes = {}, {}, [], []
+    res = SegmenterScores(Table(), "", objective)
     true_area = archive.true_areas()
     image_area = None
     if store_url:
-        log(f"scoring the pseudo-masks in {store_url}")
-        pair[f"CAM pseudo-masks as stored ({store_url})"] = store_pair_dice(store_url, archive, true_area)
-        marker_model = (store.committed_runs(store_url) or [{}])[-1].get("model")
+        _log.info(f"scoring the pseudo-masks in {store_url}")
+        pair[STORE_ROW] = store_pair_dice(store_url, archive, true_area)
+        labels[STORE_ROW] = f"CAM pseudo-masks as stored ({store_url})"
+        runs = store.committed_runs(store_url)
+        marker_model = runs[-1].model if runs else None
         if marker_model:
             row = _card_cam_row(marker_model)
             if row:
-                extra_rows[row[0]] = row[1]
+                extra.append(row)
     probs = None
     for url in segmenters:
         card = load_card(url)
         name = _seg_name(card, url)
-        log(f"{name}: out-of-fold maps of {url}")
-        st = oof_seg_stats(url, archive, batch_size, device, log)
+        folder = url.rstrip("/").rsplit("/", 1)[-1]
+        _log.info(f"{name}: out-of-fold maps of {url}")
+        st = oof_seg_stats(url, archive, batch_size, device)
         image_area, probs = st.image_area, st.probs if probs is None else probs
         tuned = tuning.sweep(st.h_all, st.h_in, st.true_area, st.probs, st.image_area, objective=objective)
-        rows_here = {f"{name}: paper (thr 0.2, min 0)": pair_dice(st, PAPER_SEG),
-                     f"{name}: tuned per class (OOF)": pair_dice(st, tuned.per_class_pp)}
-        pair.update(rows_here)
+        ids = [f"segmenter:{folder}/paper", f"segmenter:{folder}/tuned-per-class"]
+        pair[ids[0]], labels[ids[0]] = pair_dice(st, PAPER_SEGMENTER), f"{name}: paper (thr 0.2, min 0)"
+        pair[ids[1]], labels[ids[1]] = pair_dice(st, tuned.per_class_pp), f"{name}: tuned per class (OOF)"
+        res.tuned[url], res.row_ids[url], res.stats[url] = tuned, ids, st
+        res.pairs.update({i: pair[i] for i in ids})
         cp = tuned.per_class_pp
         notes.append(f"{url}: tuned for the {objective} mean: threshold {cp.threshold}, min_seg_len "
                      f"{cp.min_seg_len}, confidence (map maximum) {cp.confidence}")
-        if write:
-            scored = metrics.dice_with_baselines(rows_here, st.true_area, st.image_area)
-            post = {**cp.model_dump(), "tuned": True, "objective": objective}
-            card = update_card(url, card, postprocess=post, metrics={**card.metrics, "seg_oof": {
-                n: {"kaggle_mean": s.kaggle_mean, "positive_mean": s.positive_mean, "kaggle": s.kaggle.tolist(),
-                    "positive": s.positive.tolist()} for n, s in scored.items() if n in rows_here},
-                "seg_oof_sweep": tuned.curves()})
-            log(f"wrote tuned post-processing into {url}/model.json (version now {card.version})")
     if not pair:
         raise ValueError("nothing to evaluate: give a label store and/or segmenter artifacts")
     if image_area is None:
         shape = archive.image_shape(archive.image_ids[0])
         image_area = shape[0] * shape[1]
     accepted = probs >= 0.5 if probs is not None else None
-    rows = {**metrics.dice_with_baselines(pair, true_area, image_area, accepted), **extra_rows}
+    rows = scored_rows(pair, labels, true_area, image_area, accepted)
+    for rid, label, scores in extra:
+        rows[rid], rows.labels[rid] = scores, label
     n_def = int((true_area.sum(axis=1) > 0).sum())
-    table = metrics.format_dice_table(
-        rows, [f"class {c}" for c in archive.class_ids],
-        title=f"Pseudo-masks and segmenters, out-of-fold, {n_def} defective images (paper's Table 3)")
+    table = rows.format([f"class {c}" for c in archive.class_ids],
+                        f"Pseudo-masks and segmenters, out-of-fold, {n_def} defective images (paper's Table 3)")
     if accepted is not None:
         notes.append("baseline 'whole image if accepted': classes whose segmenter map maximum is >= 0.5")
-    return rows, table + ("\n" + "\n".join(notes) if notes else "")
+    res.rows, res.table = rows, table + ("\n" + "\n".join(notes) if notes else "")
+    return res
+
+
+def write_segmenter_scores(url: str, scores: SegmenterScores) -> ModelCard:
+    """Record the segmenter's tuned per-class setting (its masks' from now on), its rows (with
+    the baselines on its own maps) and its sweep in its card; returns the rewritten card."""
+    tuned, st, ids = scores.tuned[url], scores.stats[url], scores.row_ids[url]
+    own = scored_rows({i: scores.pairs[i] for i in ids}, {i: scores.rows.label(i) for i in ids}, st.true_area,
+                      st.image_area)
+    post = CardPostProcess(**tuned.per_class_pp.model_dump(), tuned=True, objective=scores.objective)
+    card = load_card(url)
+    card = update_card(url, card, postprocess=post, metrics={**card.metrics, "seg_oof": card_rows(own, ids),
+                                                             "seg_oof_sweep": tuned.curves()})
+    _log.info(f"wrote tuned post-processing into {url}/model.json (version now {card.version})")
+    return card
+
+
+def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
+                        objective: str = "kaggle", write: bool = True, batch_size: int = 8,
+                        device=None) -> tuple[Table, str]:
+    """:func:`score_segmenters`, then (``write``) :func:`write_segmenter_scores` for each
+    segmenter; returns (rows, printed table)."""
+    scores = score_segmenters(truth_url, segmenters, store_url, objective=objective, batch_size=batch_size,
+                              device=device)
+    if write:
+        for url in segmenters:
+            write_segmenter_scores(url, scores)
+    return scores.rows, scores.table

@@ -93,7 +93,7 @@ def sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = No
           objective: str = "kaggle", defective_only: bool = True) -> Tuned:
     """Grid search of (threshold, confidence, min_seg_len), globally and per class.
 
-    ``objective``: "kaggle" (mean Dice over all pairs, PAPER's metric) or "positive"
+    ``objective``: "kaggle" (mean Dice over all pairs, the competition's metric) or "positive"
     (mean over pairs with a true mask). Scored on defective images when ``defective_only``.
     """
     grid = grid or DEFAULT_GRID

@@ -122,6 +122,6 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
     elif weights != "swa":
         raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
     models = build_fold_models(url, card, states, lambda: Classifier(
-        card.architecture, card.num_classes, card.head["hidden"], card.head["dropout"],
-        output_stride=card.head.get("output_stride", 32), pool=card.head.get("pool", "avg")), device)
+        card.architecture, card.num_classes, card.head.hidden, card.head.dropout,
+        output_stride=card.head.output_stride, pool=card.head.pool), device)
     return card, models

@@ -64,9 +64,9 @@ def load_segmenters(url: str, device="cpu") -> tuple["ModelCard", list[Segmenter
     from ..artifact import build_fold_models, load_artifact
 
     card, states = load_artifact(url, kind="segmenter")
-    models = build_fold_models(url, card, states, lambda: Segmenter(card.head.get("architecture", "Unet"),
+    models = build_fold_models(url, card, states, lambda: Segmenter(card.head.architecture,
                                                                     card.architecture, card.num_classes,
-                                                                    card.head.get("decoder_channels")), device)
+                                                                    card.head.decoder_channels), device)
     return card, models
 
 

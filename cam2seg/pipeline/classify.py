@@ -8,6 +8,7 @@ archive starts afresh.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import io as _io
 import json
@@ -21,6 +22,7 @@ from ..train import state
 from ..archive import Archive
 from ..artifact import ModelCard, load_card, write_artifact
 from ..models.classifier import create_classifier
+from ..postprocess import paper_default
 from ..config import ClassifierConfig
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..folds import make_folds
@@ -30,6 +32,8 @@ from ..train.classifier_loop import OOF_FILE, SWA_FILE, train_fold_loop
 from ..train.loop import FINAL_FILE
 
 __all__ = ["train_classifiers", "run_key"]
+
+_log = logging.getLogger(__name__)
 
 
 
@@ -42,11 +46,9 @@ def run_key(cfg: ClassifierConfig, archive: Archive) -> str:
     return h.hexdigest()[:12]
 
 
-def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: bool = False,
-                      log=None) -> ModelCard:
+def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: bool = False) -> ModelCard:
     """Train ``cfg.folds`` fold classifiers on the archive at ``data_url`` and write the
     artifact to ``out`` (model.json, fold-<k>.safetensors, oof.parquet, folds.csv)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = io.absolute(out)
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
@@ -58,18 +60,18 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     key = run_key(cfg, archive)
     if not force and io.exists(io.join(out, "model.json")):
         card = load_card(out)
-        if card.training.get("run_key") == key:
-            log(f"{out} already holds this model (run {key}, version {card.version}); use --force to retrain")
+        if card.training.run_key == key:
+            _log.info(f"{out} already holds this model (run {key}, version {card.version}); use --force to retrain")
             return card
     folds = make_folds(archive.labels, cfg.folds, cfg.seed)
     work = io.join(out, "_train", key)
     ensure_ray()
-    gpus = gpus_or_auto(cfg.gpus_per_worker, log)
+    gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
     urls = [archive.image_url(i) for i in archive.image_ids]
     configs = {}
     for k in range(cfg.folds):
         if fold_done(work, k):
-            log(f"fold {k}: finished in an earlier run, reusing it")
+            _log.info(f"fold {k}: finished in an earlier run, reusing it")
             continue
         tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         configs[k] = {
@@ -81,21 +83,21 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
             "val_labels": archive.labels[va].tolist(),
             "val_ids": [archive.image_ids[i] for i in va],
         }
-    log(f"training {len(configs)} of {cfg.folds} folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, "
-        f"{cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; "
-        f"checkpoints under {work}/runs")
+    _log.info(f"training {len(configs)} of {cfg.folds} folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, "
+              f"{cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; "
+              f"checkpoints under {work}/runs")
     run_folds(train_fold_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,
-              max_failures=cfg.max_failures, staged=(SWA_FILE, OOF_FILE), log=log, t0=t0)
+              max_failures=cfg.max_failures, staged=(SWA_FILE, OOF_FILE), t0=t0)
 
-    card = _assemble(out, work, archive, folds, cfg, key, log)
+    card = _assemble(out, work, archive, folds, cfg, key)
     if not cfg.keep_checkpoints:
         fs, path = io.filesystem(io.join(out, "_train"))
         fs.rm(path, recursive=True)
-    log(f"wrote {out} (version {card.version}) in {time.perf_counter() - t0:.0f}s")
+    _log.info(f"wrote {out} (version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card
 
 
-def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierConfig, key: str, log) -> ModelCard:
+def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierConfig, key: str) -> ModelCard:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,8 +124,8 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         raise RuntimeError(f"{int(np.isnan(probs).any(axis=1).sum())} images got no out-of-fold prediction")
     auc = metrics.roc_auc(archive.labels, probs)
     names = [f"class {cid}" for cid in archive.class_ids]
-    log("\n" + metrics.format_auc_table({f"{cfg.encoder} (OOF, {cfg.folds} folds)": auc}, names,
-                                        title="ROC-AUC per class on the out-of-fold union (paper's Table 1)"))
+    _log.info("\n" + metrics.format_auc_table({f"{cfg.encoder} (OOF, {cfg.folds} folds)": auc}, names,
+                                              title="ROC-AUC per class on the out-of-fold union (paper's Table 1)"))
 
     table = pa.table({
         "image_id": pa.array(archive.image_ids, pa.string()),
@@ -145,7 +147,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         folds=cfg.folds,
         fold_files=[],
         # The paper's tuned post-processing, until the CAM stage tunes them on OOF maps.
-        postprocess={"confidence": 0.5, "threshold": 0.3, "min_seg_len": 0, "tuned": False},
+        postprocess=paper_default("classifier"),
         metrics={"oof_auc": {str(cid): float(a) for cid, a in zip(archive.class_ids, auc)},
                  "oof_auc_mean": float(np.nanmean(auc)), "folds": fold_info},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__},

@@ -14,38 +14,39 @@ Presets size the run: ``quick`` (the test suite's end-to-end check, about two mi
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from dataclasses import dataclass, field
 
 from .. import io
 
-__all__ = ["PRESETS", "run_demo", "DemoResult"]
+__all__ = ["PRESETS", "PRESET_NAMES", "load_preset", "run_demo", "DemoResult"]
 
-_SMALL_UNET = {"encoder": "tu-mobilenetv3_small_100", "decoder_channels": [64, 32, 16, 16, 8]}
+_log = logging.getLogger(__name__)
 
-PRESETS: dict[str, dict] = {
-    "quick": {
-        "synth": {"images": 48, "height": 32, "width": 200, "class_mix": "balanced", "clean_fraction": 0.25},
-        "classifier": {"encoder": "mobilenetv3_small_100", "folds": 2, "epochs": 2, "size": [32, 200],
-                       "batch_size": 8, "lr_encoder": 3e-3, "swa_epochs": 1, "load_threads": 2},
-        "label": {"batch_size": 16},
-        "segmenter": {**_SMALL_UNET, "epochs": 1, "size": [32, 200], "batch_size": 8, "lr": 2e-3},
-    },
-    "small": {
-        "synth": {"images": 800, "height": 64, "width": 400, "class_mix": "balanced", "clean_fraction": 0.25},
-        "classifier": {"encoder": "mobilenetv3_small_100", "folds": 2, "epochs": 30, "size": [64, 400],
-                       "batch_size": 16, "lr_encoder": 3e-3, "load_threads": 2},
-        "label": {"batch_size": 16},
-        "segmenter": {**_SMALL_UNET, "epochs": 6, "size": [64, 400], "batch_size": 8, "lr": 2e-3},
-    },
-    "paper": {
-        "synth": {"images": 4000, "height": 256, "width": 1600, "class_mix": "severstal"},
-        "classifier": {"encoder": "efficientnet_b0", "folds": 5, "epochs": 20, "size": [256, 1600], "batch_size": 64},
-        "label": {},
-        "segmenter": {"encoder": "efficientnet-b0", "epochs": 30, "batch_size": 16},
-    },
-}
+# The presets are YAML files shipped in the package (cam2seg/configs/NAME.yaml), each a base config
+# (section -> key -> value) that the demo's --config file overrides key by key.
+PRESET_NAMES = ("quick", "small", "paper")
+
+
+def load_preset(name: str) -> dict[str, dict]:
+    """The preset ``name`` as read from ``cam2seg/configs/NAME.yaml`` (duplicate keys refused)."""
+    from importlib import resources
+
+    from ..config import ConfigError, load_yaml
+
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESET_NAMES)}")
+    res = resources.files("cam2seg").joinpath("configs", f"{name}.yaml")
+    data = load_yaml(res.read_text(encoding="utf-8"), f"cam2seg/configs/{name}.yaml")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"cam2seg/configs/{name}.yaml: expected section -> key -> value")
+    return data
+
+
+PRESETS: dict[str, dict] = {name: load_preset(name) for name in PRESET_NAMES}
+
 # How Table 2's tuning is scored in the demo: the report's headline numbers are positive-pair Dice.
 OBJECTIVE = "positive"
 
@@ -66,13 +67,17 @@ def paths(workdir: str) -> dict[str, str]:
     return {k: io.join(workdir, v) for k, v in names.items()}
 
 
-def _stage(log, n: int, total: int, text: str) -> float:
-    log(f"\n== [{n}/{total}] {text}")
+def _say(text: str) -> None:
+    """A result line: stdout, beside the progress lines on stderr."""
+    print(text, flush=True)
+
+
+def _stage(n: int, total: int, text: str) -> float:
+    _log.info(f"\n== [{n}/{total}] {text}")
     return time.perf_counter()
 
 
-def run_demo(workdir: str, preset: str = "small", config_path: str | None = None, *, guided: bool = False,
-             log=None) -> DemoResult:
+def run_demo(workdir: str, preset: str = "small", config_path: str | None = None, *, guided: bool = False) -> DemoResult:
     """Run (or resume) the demo in ``workdir``; returns the numbers it printed."""
     from ..synthetic import synth
     from ..evaluate.cams import evaluate_cams
@@ -84,7 +89,6 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
     from ..evaluate.segmenters import evaluate_segmenters
     from .segment import train_segmenter
 
-    log = log or (lambda m: print(m, flush=True))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     workdir = io.absolute(workdir.rstrip("/"))
@@ -92,9 +96,9 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
     p = paths(workdir)
     res = DemoResult(workdir)
     total, t_all = 8, time.perf_counter()
-    log(f"cam2seg demo, preset {preset!r}, in {workdir}")
+    _log.info(f"cam2seg demo, preset {preset!r}, in {workdir}")
 
-    t = _stage(log, 1, total, "synthetic Severstal-like archive")
+    t = _stage(1, total, "synthetic Severstal-like archive")
     s = cfg.synth
     want = {"images": s.images, "height": s.height, "width": s.width, "seed": s.seed,
             "clean_fraction": s.clean_fraction, "class_mix": s.class_mix}
@@ -105,67 +109,67 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
         if have != want:
             raise ValueError(f"{p['archive']} holds an archive made with {have}, not this preset's {want}: "
                              "use another --workdir or delete it")
-        log(f"archive already present ({meta['images']} images at {s.height}x{s.width}); reusing it")
+        _log.info(f"archive already present ({meta['images']} images at {s.height}x{s.width}); reusing it")
     else:
         out = synth.write_archive(p["archive"], s.images, s.height, s.width, s.seed, s.clean_fraction,
                                   max(s.workers, 2), mix=s.class_mix)
-        log(f"wrote {out['images']} images to {p['archive']} in {out['seconds']:.1f}s; "
-            f"images per class {out['images_per_class']}, clean {out['clean_images']}")
+        _log.info(f"wrote {out['images']} images to {p['archive']} in {out['seconds']:.1f}s; "
+                  f"images per class {out['images_per_class']}, clean {out['clean_images']}")
     res.seconds["synth"] = time.perf_counter() - t
 
-    t = _stage(log, 2, total, f"{cfg.classifier.folds} fold classifiers ({cfg.classifier.encoder} at "
+    t = _stage(2, total, f"{cfg.classifier.folds} fold classifiers ({cfg.classifier.encoder} at "
                f"{cfg.classifier.size[0]}x{cfg.classifier.size[1]}, {cfg.classifier.epochs} epochs) on Ray Train")
-    card = train_classifiers(p["archive"], p["classifier"], cfg.classifier, log=log)
+    card = train_classifiers(p["archive"], p["classifier"], cfg.classifier)
     res.auc = {k: float(v) for k, v in card.metrics["oof_auc"].items()}
-    log("out-of-fold ROC-AUC per class: " + ", ".join(f"class {k}: {v:.3f}" for k, v in res.auc.items()))
+    _say("out-of-fold ROC-AUC per class: " + ", ".join(f"class {k}: {v:.3f}" for k, v in res.auc.items()))
     res.seconds["classifiers"] = time.perf_counter() - t
 
-    t = _stage(log, 3, total, "CAM pseudo-masks out of fold, post-processing tuned (the paper's Table 2)")
-    if "cam_oof" in card.metrics and card.postprocess.get("objective") == OBJECTIVE:
-        log(f"already evaluated (card version {card.version}); the table is in the report")
+    t = _stage(3, total, "CAM pseudo-masks out of fold, post-processing tuned (the paper's Table 2)")
+    if "cam_oof" in card.metrics and card.postprocess.objective == OBJECTIVE:
+        _log.info(f"already evaluated (card version {card.version}); the table is in the report")
     else:
         _, table = evaluate_cams(p["classifier"], p["archive"], objective=OBJECTIVE, guided=guided,
-                                 batch_size=16, log=log)
-        log(table)
+                                 batch_size=16)
+        _say(table)
         res.tables.append(table)
     res.seconds["evaluate CAMs"] = time.perf_counter() - t
 
-    t = _stage(log, 4, total, "labeling job: GradCAM++ pseudo-masks of every image on Ray Data, into the label store")
-    label_archive(p["classifier"], io.join(p["archive"], "train_images"), p["store"], cfg.label,
-                            incremental=True, log=log)
+    t = _stage(4, total, "labeling job: GradCAM++ pseudo-masks of every image on Ray Data, into the label store")
+    _say(str(label_archive(p["classifier"], io.join(p["archive"], "train_images"), p["store"], cfg.label,
+                             incremental=True)))
     res.seconds["label"] = time.perf_counter() - t
 
     seg = cfg.segmenter
-    t = _stage(log, 5, total, f"segmenter on the pseudo-masks ({seg.architecture} with {seg.encoder}, "
+    t = _stage(5, total, f"segmenter on the pseudo-masks ({seg.architecture} with {seg.encoder}, "
                f"{seg.epochs} epochs) on Ray Train")
-    train_segmenter(p["archive"], p["store"], p["segmenter"], seg, log=log)
+    train_segmenter(p["archive"], p["store"], p["segmenter"], seg)
     res.seconds["segmenter (pseudo-masks)"] = time.perf_counter() - t
 
-    t = _stage(log, 6, total, "segmenter on the true masks (the upper bound), same folds")
+    t = _stage(6, total, "segmenter on the true masks (the upper bound), same folds")
     folds = card.folds
-    train_segmenter(p["archive"], "truth", p["segmenter_truth"], seg.model_copy(update={"folds": folds}), log=log)
+    train_segmenter(p["archive"], "truth", p["segmenter_truth"], seg.model_copy(update={"folds": folds}))
     res.seconds["segmenter (true masks)"] = time.perf_counter() - t
 
-    t = _stage(log, 7, total, "pseudo-masks and segmenters out of fold (the paper's Table 3)")
+    t = _stage(7, total, "pseudo-masks and segmenters out of fold (the paper's Table 3)")
     _, table = evaluate_segmenters(p["archive"], [p["segmenter"], p["segmenter_truth"]], p["store"],
-                                   objective=OBJECTIVE, batch_size=16, log=log)
-    log(table)
+                                   objective=OBJECTIVE, batch_size=16)
+    _say(table)
     res.tables.append(table)
     res.seconds["evaluate segmenters"] = time.perf_counter() - t
 
-    t = _stage(log, 8, total, "report and review file")
+    t = _stage(8, total, "report and review file")
     rep = build_report(p["report"], archive=p["archive"], store_url=p["store"], model=p["classifier"],
-                       segmenters=[p["segmenter"], p["segmenter_truth"]], log=log)
+                       segmenters=[p["segmenter"], p["segmenter_truth"]])
     res.report = rep.html
     coco = export_coco(p["store"], p["coco"])
     res.coco = coco["out"]
-    log(str(rep))
-    log(f"COCO file for review in CVAT / Label Studio (lowest-confidence images first): {coco['out']} "
-        f"({coco['images']} images, {coco['annotations']} annotations)")
+    _say(str(rep))
+    _say(f"COCO file for review in CVAT / Label Studio (lowest-confidence images first): {coco['out']} "
+              f"({coco['images']} images, {coco['annotations']} annotations)")
     res.seconds["report"] = time.perf_counter() - t
     res.seconds["total"] = time.perf_counter() - t_all
-    log("\n== done in " + f"{res.seconds['total'] / 60:.1f} min: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items() if k != "total"))
-    log(f"open {rep.html} in a browser")
+    _say("\n== done in " + f"{res.seconds['total'] / 60:.1f} min: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items() if k != "total"))
+    _say(f"open {rep.html} in a browser")
     return res
 

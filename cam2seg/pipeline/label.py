@@ -18,7 +18,7 @@ commit protocol that makes re-runs after a crash exact.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,15 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
 
 from .. import preprocess, io, rle, store
-from ..cam import compute_cams
 from ..config import LabelConfig, parse_size
-from ..postprocess import PostProcess, apply
-from ..models.segmenter import predict_maps
+from ..models.predict import Predictor, load_predictor
 
-__all__ = ["read_image", "label_images", "load_label_models", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
+__all__ = ["read_image", "label_images", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
+
+_log = logging.getLogger(__name__)
 
 
 def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) -> tuple[np.ndarray, tuple, str]:
@@ -55,45 +54,26 @@ def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) 
     return preprocess.prepare(img, size), shape, ""
 
 
-def label_images(models, card, pp: PostProcess, images: np.ndarray, shapes, method: str = "gradcam++",
-                 aug_smooth: bool = True, device="cpu") -> dict[str, list]:
-    """Masks of a batch as store columns (one row per image and class): CAM pseudo-masks of a
-    classifier ensemble (``method``, ``aug_smooth``), or a segmenter ensemble's masks (its mean
-    probability maps; score = a map's maximum) when ``card.kind`` is "segmenter".
+def label_images(predictor: Predictor, images: np.ndarray, shapes) -> dict[str, list]:
+    """Masks of a batch as store columns (one row per image and class), from any artifact's
+    :class:`~cam2seg.models.predict.Predictor`: CAM pseudo-masks of a classifier ensemble, or a
+    segmenter ensemble's masks (score = a map's maximum), after the card's post-processing.
 
-    ``images`` ``uint8[B, h, w]`` at ``card.input_size``; ``shapes`` the originals' (H, W).
+    ``images`` ``uint8[B, h, w]`` at the card's input size; ``shapes`` the originals' (H, W).
     Returns columns image-major, class-minor: class_id, encoded_pixels, score, area, height,
     width (image ids are added by the caller).
     """
-    x = preprocess.to_input(images, card.mean, card.std, device=device)
-    if card.kind == "segmenter":
-        cams, probs = predict_maps(models, x)
-    else:
-        cams, probs = compute_cams(models, x, method, aug_smooth)
-    probs_np = probs.cpu().numpy()
-    c = probs_np.shape[1]
+    masks, scores = predictor.masks(images, shapes)
+    c = len(predictor.class_ids)
     cols = {"class_id": [], "encoded_pixels": [], "score": [], "area": [], "height": [], "width": []}
-    for i, (h, w) in enumerate(shapes):
-        m = cams[i : i + 1]
-        if tuple(m.shape[-2:]) != (h, w):
-            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-        masks = apply(m.cpu().numpy(), probs_np[i : i + 1], pp)[0]
-        cols["class_id"] += [int(k) for k in card.class_ids]
-        cols["encoded_pixels"] += rle.encode_many(masks)
-        cols["score"] += probs_np[i].tolist()
-        cols["area"] += masks.sum(axis=(-2, -1)).tolist()
+    for (h, w), m, s in zip(shapes, masks, scores):
+        cols["class_id"] += predictor.class_ids
+        cols["encoded_pixels"] += rle.encode_many(m)
+        cols["score"] += s.tolist()
+        cols["area"] += m.sum(axis=(-2, -1)).tolist()
         cols["height"] += [h] * c
         cols["width"] += [w] * c
     return cols
-
-
-def load_label_models(model_url: str, device="cpu") -> tuple:
-    """(card, fold models) of a classifier or segmenter artifact, whichever ``model_url`` holds."""
-    from ..artifact import load_card
-    from ..models.classifier import load_fold_models
-    from ..models.segmenter import load_segmenters
-
-    return (load_segmenters if load_card(model_url).kind == "segmenter" else load_fold_models)(model_url, device)
 
 
 def _expected_size(cfg: LabelConfig, card) -> tuple[int, int] | None:
@@ -126,20 +106,17 @@ class Labeler:
 
     def __init__(self, model_url: str, method: str, aug_smooth: bool, batch_size: int, threads: int = 1):
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.card, self.models = load_label_models(model_url, self.device)
-        self.pp = PostProcess(**self.card.postprocess)
-        self.method, self.aug_smooth, self.batch_size = method, aug_smooth, batch_size
+        self.predictor = load_predictor(model_url, method=method, aug_smooth=aug_smooth)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> pa.Table:
-        n, c = len(batch["image_id"]), self.card.num_classes
+        n, c = len(batch["image_id"]), self.predictor.card.num_classes
         enc, score, area = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         ok = [i for i, e in enumerate(batch["error"]) if not e]
         for s in range(0, len(ok), self.batch_size):
             idx = ok[s : s + self.batch_size]
             shapes = [(int(batch["height"][i]), int(batch["width"][i])) for i in idx]
-            cols = label_images(self.models, self.card, self.pp, batch["image"][idx], shapes, self.method,
-                                self.aug_smooth, self.device)
+            cols = label_images(self.predictor, batch["image"][idx], shapes)
             for j, i in enumerate(idx):
                 enc[i] = cols["encoded_pixels"][j * c : (j + 1) * c]
                 score[i] = cols["score"][j * c : (j + 1) * c]
@@ -204,110 +181,85 @@ class LabelSummary(dict):
 
 
 def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig | None = None, *,
-                  incremental: bool = False, relabel: bool = False, new_only: bool = False,
-                  log=None) -> LabelSummary:
+                  incremental: bool = False, relabel: bool = False, new_only: bool = False) -> LabelSummary:
     """Label every image under ``images`` into the store at ``store_url`` (see module doc).
 
     ``incremental``: skip images a committed run labeled with this model version; ``new_only``:
     skip images a committed run labeled with any model (the nightly run's rule). ``relabel``
     overrides both. Holds the store's lease for the whole run.
     """
-    import ray
-
     from ..artifact import load_card
-    from ..raycluster import cluster_gpus, ensure_ray, gpus_or_auto
 
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     card = load_card(model_url)  # a missing or broken model fails here, before anything else
     keys = io.list_images(images)
     if not keys:
         raise FileNotFoundError(f"no images under {images} (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
     run_id = store.new_run_id()
     t0 = time.perf_counter()
-    with store.Lease(store_url, run_id, ttl=cfg.lease_ttl):
-        removed = store.remove_uncommitted(store_url)
-        if removed:
-            log(f"removed {removed} uncommitted part(s) left by an earlier crashed run")
+    marker = store.RunMarker(run_id=run_id, model=model_url, model_kind=card.kind, model_version=card.version,
+                             images=images, listed=len(keys), start=store.now(),
+                             incremental="new-only" if new_only else incremental, config=cfg.model_dump(mode="json"))
+    with store.RunWriter(store_url, marker, cfg.commit_every, cfg.lease_ttl) as writer:
+        if writer.removed:
+            _log.info(f"removed {writer.removed} uncommitted part(s) left by an earlier crashed run")
         skip = (incremental or new_only) and not relabel
         done = store.labeled_ids(store_url, None if new_only else card.version) if skip else set()
         todo = [k for k in keys if k not in done]
+        marker.to_do = len(todo)
         by = "any model" if new_only else f"model {card.version}"
-        log(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by {by}; "
-            f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
-        marker = {"model": model_url, "model_kind": card.kind, "model_version": card.version, "images": images,
-                  "listed": len(keys), "to_do": len(todo), "start": store.now(), "complete": False,
-                  "incremental": "new-only" if new_only else incremental,
-                  "config": cfg.model_dump(mode="json"), "parts": {"masks": [], "errors": []},
-                  "labeled": 0, "errors": 0}
+        _log.info(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by {by}; "
+                  f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
         positives = np.zeros(card.num_classes, np.int64)
         if todo:
-            ensure_ray()
-            gpus = gpus_or_auto(cfg.gpus_per_actor, log)
-            actors = cfg.actors or max(1, int(cluster_gpus() // gpus) if gpus else 1)
-            expect = _expected_size(cfg, card)
-            keys_table = pa.table({"image_id": pa.array(todo, pa.string())})
-            blocks = [keys_table.slice(s, cfg.read_batch) for s in range(0, len(todo), cfg.read_batch)]
-            ds = (
-                ray.data.from_arrow(blocks)
-                # fewer CPUs than an actor: Ray Data then keeps reads as their own tasks (not fused
-                # into the actors), so downloads overlap the CAMs
-                .map_batches(read_batch, batch_size=cfg.read_batch, num_cpus=cfg.read_cpus,
-                             fn_kwargs={"prefix": images, "size": tuple(card.input_size), "expect": expect,
-                                        "threads": cfg.read_threads})
-                .map_batches(Labeler, batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
-                             compute=ray.data.ActorPoolStrategy(size=actors),
-                             fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,
-                                                    "aug_smooth": cfg.aug_smooth, "batch_size": cfg.batch_size,
-                                                    "threads": max(1, int(cfg.cpus_per_actor))})
-                .map_batches(write_batch, batch_size=cfg.images_per_file, batch_format="pyarrow",
-                             num_cpus=cfg.read_cpus, fn_kwargs={"store_url": store_url, "run_id": run_id,
-                                                      "model_version": card.version,
-                                                      "class_ids": list(card.class_ids)})
-            )
-            since_commit = 0
-            for entry in ds.iter_rows():
-                for kind in ("masks", "errors"):
-                    if entry[kind]:
-                        marker["parts"][kind].append({"file": entry[kind], "rows": int(entry[f"{kind}_rows"])})
-                marker["labeled"] += int(entry["images"])
-                marker["errors"] += int(entry["error_images"])
+            for entry in _labeled_parts(todo, model_url, images, store_url, run_id, card, cfg):
                 positives += np.asarray(entry["positives"], np.int64)
-                since_commit += int(entry["images"]) + int(entry["error_images"])
-                if since_commit >= cfg.commit_every:
-                    store.commit(store_url, run_id, {**marker, "end": store.now()})
-                    since_commit = 0
+                part = {k: store.Part(file=entry[k], rows=int(entry[f"{k}_rows"])) if entry[k] else None
+                        for k in ("masks", "errors")}
+                if writer.add(part["masks"], part["errors"], int(entry["images"]), int(entry["error_images"])):
                     # job logs have no progress bars: this line is the progress of a long run
-                    done_now, spent = marker["labeled"] + marker["errors"], time.perf_counter() - t0
-                    rate = done_now / spent if spent > 0 else 0.0
-                    eta = (len(todo) - done_now) / rate if rate > 0 else float("nan")
-                    log(f"committed {done_now} / {len(todo)} images ({marker['errors']} errors), "
-                        f"{rate:.1f} images/s, about {eta / 60:.0f} min to go")
-        _reconcile(store_url, run_id, marker, todo)
-        marker.update(complete=True, end=store.now(), positives=positives.tolist())
-        store.commit(store_url, run_id, marker)
+                    spent = time.perf_counter() - t0
+                    rate = writer.done / spent if spent > 0 else 0.0
+                    eta = (len(todo) - writer.done) / rate if rate > 0 else float("nan")
+                    _log.info(f"committed {writer.done} / {len(todo)} images ({marker.errors} errors), "
+                              f"{rate:.1f} images/s, about {eta / 60:.0f} min to go")
+        marker = writer.finish(todo, positives.tolist())
     seconds = time.perf_counter() - t0
-    summary = LabelSummary(run_id=run_id, store=store_url, images=images, listed=len(keys), skipped=len(keys) - len(todo),
-                           to_do=len(todo), labeled=marker["labeled"], errors=marker["errors"],
-                           model_version=card.version, new_only=new_only, seconds=seconds,
-                           images_per_s=len(todo) / seconds if seconds > 0 else 0.0,
-                           positives={cid: int(p) for cid, p in zip(card.class_ids, positives)})
-    log(str(summary))
-    return summary
+    return LabelSummary(run_id=run_id, store=store_url, images=images, listed=len(keys), skipped=len(keys) - len(todo),
+                        to_do=len(todo), labeled=marker.labeled, errors=marker.errors,
+                        model_version=card.version, new_only=new_only, seconds=seconds,
+                        images_per_s=len(todo) / seconds if seconds > 0 else 0.0,
+                        positives={cid: int(p) for cid, p in zip(card.class_ids, positives)})
 
 
-def _reconcile(store_url: str, run_id: str, marker: dict, todo: list[str]) -> None:
-    """Every image to do is in exactly one of masks (once per class) or errors, before the
-    final commit; anything else is a bug worth stopping for, not a number to print."""
-    if marker["labeled"] + marker["errors"] != len(todo):
-        raise RuntimeError(f"run {run_id}: {len(todo)} images to do, but {marker['labeled']} labeled + "
-                           f"{marker['errors']} errors; not committing it as complete")
-    run = {**marker, "run_id": run_id}
-    ids = store.read_parts(store_url, [run], "masks", store.MASK_SCHEMA, ["image_id", "class_id"])
-    errs = store.read_parts(store_url, [run], "errors", store.ERROR_SCHEMA, ["image_id"])
-    pairs = set(zip(ids.column("image_id").to_pylist(), ids.column("class_id").to_pylist()))
-    seen = {i for i, _ in pairs} | set(errs.column("image_id").to_pylist())
-    if len(pairs) != ids.num_rows or seen != set(todo) or len({i for i, _ in pairs}) + errs.num_rows != len(todo):
-        raise RuntimeError(f"run {run_id}: written rows do not reconcile with the {len(todo)} images to do "
-                           f"({ids.num_rows} mask rows, {len(pairs)} distinct, {errs.num_rows} errors)")
+def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str, run_id: str, card,
+                   cfg: LabelConfig):
+    """The Ray Data chain over ``todo``: one manifest row per written part batch (see module doc)."""
+    import ray
+
+    from ..raycluster import cluster_gpus, ensure_ray, gpus_or_auto
+
+    ensure_ray()
+    gpus = gpus_or_auto(cfg.gpus_per_actor, _log.warning)
+    actors = cfg.actors or max(1, int(cluster_gpus() // gpus) if gpus else 1)
+    keys_table = pa.table({"image_id": pa.array(todo, pa.string())})
+    blocks = [keys_table.slice(s, cfg.read_batch) for s in range(0, len(todo), cfg.read_batch)]
+    ds = (
+        ray.data.from_arrow(blocks)
+        # fewer CPUs than an actor: Ray Data then keeps reads as their own tasks (not fused
+        # into the actors), so downloads overlap the CAMs
+        .map_batches(read_batch, batch_size=cfg.read_batch, num_cpus=cfg.read_cpus,
+                     fn_kwargs={"prefix": images, "size": tuple(card.input_size), "expect": _expected_size(cfg, card),
+                                "threads": cfg.read_threads})
+        .map_batches(Labeler, batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
+                     compute=ray.data.ActorPoolStrategy(size=actors),
+                     fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,
+                                            "aug_smooth": cfg.aug_smooth, "batch_size": cfg.batch_size,
+                                            "threads": max(1, int(cfg.cpus_per_actor))})
+        .map_batches(write_batch, batch_size=cfg.images_per_file, batch_format="pyarrow",
+                     num_cpus=cfg.read_cpus, fn_kwargs={"store_url": store_url, "run_id": run_id,
+                                                        "model_version": card.version,
+                                                        "class_ids": list(card.class_ids)})
+    )
+    yield from ds.iter_rows()

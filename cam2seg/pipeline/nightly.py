@@ -12,6 +12,7 @@ segmenter's card (:func:`new_labels`), so it needs no state of its own either.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ from ..config import Config
 
 __all__ = ["RetrainDecision", "new_labels", "retrain_decision", "run_nightly", "NightlySummary"]
 
+_log = logging.getLogger(__name__)
 
-def new_labels(runs: list[dict], trained_on: list[str]) -> int:
+
+def new_labels(runs: list[store.RunMarker], trained_on: list[str]) -> int:
     """Images labeled by the committed ``runs`` (store markers) that are not among the run ids
     ``trained_on`` (a segmenter card's ``training.store_runs``). Relabels count again: they
     are new masks too."""
     seen = set(trained_on)
-    return sum(int(r.get("labeled", 0)) for r in runs if r["run_id"] not in seen)
+    return sum(r.labeled for r in runs if r.run_id not in seen)
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,11 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) 
         card = None
     if card is None:
         why = f"no segmenter at {segmenter_url} yet"
-    elif card.training.get("masks") == store_url:
-        trained_on = list(card.training.get("store_runs") or [])
+    elif card.training.masks == store_url:
+        trained_on = list(card.training.store_runs or [])
         why = f"segmenter version {card.version} was trained on {len(trained_on)} run(s) of this store"
     else:
-        why = f"segmenter version {card.version} was trained on other masks ({card.training.get('masks')})"
+        why = f"segmenter version {card.version} was trained on other masks ({card.training.masks})"
     n = new_labels(runs, trained_on)
     verdict = "retraining" if n >= threshold else "not retraining yet"
     return RetrainDecision(n >= threshold, n, threshold,
@@ -99,26 +102,26 @@ def _check(cfg: Config) -> None:
                              f"the store's image ids would not match the labels")
 
 
-def run_nightly(cfg: Config, log=None) -> NightlySummary:
+def run_nightly(cfg: Config) -> NightlySummary:
     """One nightly run with ``cfg.nightly`` (paths, policy), ``cfg.label`` (the labeling job)
     and ``cfg.segmenter`` (a retraining). Safe to re-run: each step resumes or skips."""
     from .label import label_archive
 
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     _check(cfg)
     n = cfg.nightly
     store_url = io.absolute(n.store)
     t0 = time.perf_counter()
-    label = label_archive(n.model, n.images, store_url, cfg.label, new_only=True, log=log)
+    label = label_archive(n.model, n.images, store_url, cfg.label, new_only=True)
+    _log.info(str(label))
     summary = NightlySummary(store=store_url, label=dict(label), segmenter=None, segmenter_version=None)
     seg_url = io.absolute(n.segmenter) if n.segmenter else None
     decision = retrain_decision(store_url, seg_url, n.retrain_after)
-    log(f"retrain policy: {decision.reason}")
+    _log.info(f"retrain policy: {decision.reason}")
     summary["retrain"] = decision.reason
     if decision.due:
         from .segment import train_segmenter
 
-        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, log=log)
+        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter)
         summary.update(segmenter=seg_url, segmenter_version=card.version)
     summary["seconds"] = time.perf_counter() - t0
     return summary

@@ -12,6 +12,7 @@ last epoch.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import sys
@@ -29,15 +30,16 @@ from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
 from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
 from ..raycluster import ensure_ray, gpus_or_auto
 from ..models.segmenter import create_segmenter
+from ..postprocess import paper_default
 from ..train.segmenter_loop import SWA_FILE, train_segmenter_loop
 from ..train.loop import FINAL_FILE
 
-__all__ = ["train_segmenter", "mask_targets", "PAPER_SEGMENTER_POSTPROCESS"]
+__all__ = ["train_segmenter", "mask_targets"]
 
-# The paper's inference heuristics for its U-Net: threshold 0.2, no minimum area, no gate.
-PAPER_SEGMENTER_POSTPROCESS = {"confidence": 0.0, "threshold": 0.2, "min_seg_len": 0, "tuned": False}
+_log = logging.getLogger(__name__)
 
-def mask_targets(archive: Archive, masks: str, log) -> tuple[list[str], list[list[str]], list[tuple[int, int]], dict]:
+
+def mask_targets(archive: Archive, masks: str) -> tuple[list[str], list[list[str]], list[tuple[int, int]], dict]:
     """(image ids, RLE ``[N][C]``, original shapes, source description) of the images to train on."""
     if masks == "truth":
         if not archive.has_masks:
@@ -66,15 +68,15 @@ def mask_targets(archive: Archive, masks: str, log) -> tuple[list[str], list[lis
         raise store.StoreError(f"{masks} holds no pseudo-mask of any image of {archive.source} (was it labeled "
                                f"with the same image ids, i.e. --images {archive.images_url}?)")
     if missing:
-        log(f"warning: {missing} of {len(archive)} archive images have no pseudo-mask in {masks}; "
-            f"training on the other {len(ids)}")
+        _log.warning(f"warning: {missing} of {len(archive)} archive images have no pseudo-mask in {masks}; "
+                     f"training on the other {len(ids)}")
     versions = sorted(set(table["model_version"]))
-    source = {"masks": masks, "store_runs": [m["run_id"] for m in runs], "label_model": runs[-1].get("model"),
+    source = {"masks": masks, "store_runs": [m.run_id for m in runs], "label_model": runs[-1].model,
               "label_model_versions": versions}
     return ids, [found[i] for i in ids], [shapes[i] for i in ids], source
 
 
-def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict, log) -> np.ndarray:
+def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict) -> np.ndarray:
     model = source.get("label_model")
     if cfg.folds is None and model:
         try:
@@ -82,9 +84,9 @@ def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict,
         except (FileNotFoundError, ValueError, OSError):
             known = {}
         if known and all(i in known for i in ids):
-            log(f"using the folds of {model} (the classifier that made the pseudo-masks)")
+            _log.info(f"using the folds of {model} (the classifier that made the pseudo-masks)")
             return np.array([known[i] for i in ids], np.int64)
-        log(f"warning: the folds of {model} do not cover the archive; making new ones")
+        _log.warning(f"warning: the folds of {model} do not cover the archive; making new ones")
     labels = archive.labels[[archive.index(i) for i in ids]]
     return make_folds(labels, cfg.folds or 5, cfg.seed)
 
@@ -99,23 +101,21 @@ def _run_key(cfg: SegmenterConfig, ids, rles, labels, folds) -> str:
     return h.hexdigest()[:12]
 
 
-def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False,
-                    log=None) -> ModelCard:
+def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False) -> ModelCard:
     """Train K fold segmenters on the archive at ``data_url`` with ``masks`` ("truth" or a
     label store URL) and write the artifact to ``out`` (model.json, fold-<k>.safetensors,
     folds.csv). Returns its card."""
     cfg = cfg or SegmenterConfig()
     out = io.absolute(out)
     masks = masks if masks == "truth" else io.absolute(masks)
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
     c = archive.num_classes
     # an unknown architecture or encoder fails here, once
     create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels)
-    ids, rles, shapes, source = mask_targets(archive, masks, log)
+    ids, rles, shapes, source = mask_targets(archive, masks)
     labels = archive.labels[[archive.index(i) for i in ids]]
-    folds = _folds(archive, ids, cfg, source, log)
+    folds = _folds(archive, ids, cfg, source)
     k_folds = int(folds.max()) + 1
     if min(np.bincount(folds, minlength=k_folds)) < 1 or len(ids) < 2 * k_folds:
         raise ValueError(f"{len(ids)} images are too few for {k_folds} folds")
@@ -127,17 +127,17 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
             card = load_card(out)
         except ArtifactError:
             card = None
-        if card is not None and card.training.get("run_key") == key:
-            log(f"{out} already holds this segmenter (run {key}, version {card.version}); use --force to retrain")
+        if card is not None and card.training.run_key == key:
+            _log.info(f"{out} already holds this segmenter (run {key}, version {card.version}); use --force to retrain")
             return card
     work = io.join(out, "_train", key)
     ensure_ray()
-    gpus = gpus_or_auto(cfg.gpus_per_worker, log)
+    gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
     urls = [archive.image_url(i) for i in ids]
     configs = {}
     for k in range(k_folds):
         if fold_done(work, k):
-            log(f"fold {k}: finished in an earlier run, reusing it")
+            _log.info(f"fold {k}: finished in an earlier run, reusing it")
             continue
         tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         configs[k] = {
@@ -149,11 +149,11 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
             "val_labels": labels[va].tolist() if refine else None,
         }
     what = "true masks" if not refine else f"pseudo-masks of {masks}"
-    log(f"training {len(configs)} of {k_folds} fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what}: "
-        f"{len(ids)} images at {size[0]}x{size[1]}, {cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, "
-        f"{gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
+    _log.info(f"training {len(configs)} of {k_folds} fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what}: "
+              f"{len(ids)} images at {size[0]}x{size[1]}, {cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, "
+              f"{gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
     run_folds(train_segmenter_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker,
-              gpus=gpus, max_failures=cfg.max_failures, staged=(SWA_FILE,), log=log, t0=t0)
+              gpus=gpus, max_failures=cfg.max_failures, staged=(SWA_FILE,), t0=t0)
 
     states, fold_info = [], []
     for k in range(k_folds):
@@ -166,7 +166,7 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
         grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         head={"architecture": cfg.architecture, "decoder_channels": cfg.decoder_channels},
-        folds=k_folds, fold_files=[], postprocess=dict(PAPER_SEGMENTER_POSTPROCESS),
+        folds=k_folds, fold_files=[], postprocess=paper_default("segmenter"),
         metrics={"folds": fold_info, "val_loss_mean": float(np.mean([f["val_loss"] for f in fold_info]))},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__,
                   "refinements": {"absent_zero": cfg.absent_zero, "present_empty": cfg.present_empty,
@@ -177,5 +177,5 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     if not cfg.keep_checkpoints:
         fs, path = io.filesystem(io.join(out, "_train"))
         fs.rm(path, recursive=True)
-    log(f"wrote {out} (segmenter, version {card.version}) in {time.perf_counter() - t0:.0f}s")
+    _log.info(f"wrote {out} (segmenter, version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card

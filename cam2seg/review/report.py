@@ -18,23 +18,26 @@ up here, never taken from image ids.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import torch
 
 from .. import __version__, preprocess, io, metrics, rle, store
 from . import overlay, plots
 from ..archive import Archive
 from ..artifact import ArtifactError, load_card
 from ..folds import FOLDS_FILE, load_folds
-from ..postprocess import PostProcess, apply
-from ..evaluate.segmenters import store_pair_dice, tuned_cam_row
+from ..models.predict import pick_device
+from ..evaluate.rows import Table, card_rows, scored_rows
+from ..evaluate.segmenters import CARD_CAM_ROW, STORE_ROW, store_pair_dice, tuned_cam_row
 
-__all__ = ["build_report", "pick_examples", "ReportSummary", "REPORT_FILE"]
+__all__ = ["build_report", "compose_report", "write_report", "pick_examples", "Report", "ReportSummary", "REPORT_FILE"]
+
+_log = logging.getLogger(__name__)
 
 REPORT_FILE = "index.html"
 IMG_DIR = "img"
@@ -70,39 +73,47 @@ def pick_examples(values: np.ndarray, n: int = 3) -> list[tuple[int, str]]:
 
 
 def _rows_table(rows: dict[str, metrics.DiceScores | dict], class_names: list[str]) -> list[dict]:
-    """Dice rows as plain dicts for the template (card rows are dicts, computed rows DiceScores)."""
+    """Dice rows (id -> card row dict or DiceScores; a :class:`~cam2seg.evaluate.rows.Table`
+    gives the labels of its DiceScores) as plain dicts for the template."""
     out = []
-    for name, s in rows.items():
+    for rid, s in rows.items():
         get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
+        name = s.get("label", rid) if isinstance(s, dict) else rows.label(rid) if isinstance(rows, Table) else rid
         out.append({"name": name, "kaggle_mean": get("kaggle_mean"), "positive_mean": get("positive_mean"),
                     "classes": [(get("kaggle")[i], get("positive")[i]) for i in range(len(class_names))]})
     return out
 
 
-class _Writer:
-    """Writes the report's pictures under ``out/img`` with made-up names."""
-
-    def __init__(self, out: str):
-        self.out, self.files = out, []
+class _Pictures(dict):
+    """The report's pictures, relative path under the report folder -> PNG bytes, with
+    made-up names; nothing is written until :func:`write_report`."""
 
     def png(self, name: str, content: bytes | np.ndarray) -> str:
         if isinstance(content, np.ndarray):
             content = io.encode_png(content)
         rel = f"{IMG_DIR}/{name}.png"
-        io.write_bytes(io.join(self.out, rel), content)
-        self.files.append(rel)
+        self[rel] = content
         return rel
+
+
+@dataclass
+class Report:
+    """A composed report: the page, its pictures (relative path -> PNG bytes), its sections."""
+
+    html: str
+    pictures: dict[str, bytes]
+    sections: list[str]
 
 
 def _fmt(x) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
-def _load_classifier(url: str, device):
-    from ..models.classifier import load_fold_models
+def _load_predictor(url: str, device):
+    """(predictor, folds) of an artifact: the folds say which model did not see an image."""
+    from ..models.predict import load_predictor
 
-    card, models = load_fold_models(url, device)
-    return card, models, _folds_of(url)
+    return load_predictor(url, device), _folds_of(url)
 
 
 def _folds_of(url: str) -> dict[str, int]:
@@ -112,15 +123,15 @@ def _folds_of(url: str) -> dict[str, int]:
         return {}
 
 
-def _oof(models: list, folds: dict[str, int], image_id: str) -> tuple[list, str]:
-    """The model(s) to map ``image_id`` with: its out-of-fold model if known, else the ensemble."""
+def _oof(predictor, folds: dict[str, int], image_id: str) -> tuple[int | None, str]:
+    """The fold to map ``image_id`` with: its out-of-fold model if known, else (None) the ensemble."""
     k = folds.get(image_id)
-    if k is not None and 0 <= k < len(models):
-        return [models[k]], f"fold {k} model (out of fold)"
-    return models, "fold ensemble"
+    if k is not None and 0 <= k < len(predictor.models):
+        return k, f"fold {k} model (out of fold)"
+    return None, "fold ensemble"
 
 
-def _classifier_sections(card, url: str, archive: Archive | None, w: _Writer, names: list[str]) -> dict:
+def _classifier_sections(card, url: str, archive: Archive | None, w: _Pictures, names: list[str]) -> dict:
     sec = {"url": url, "version": card.version, "architecture": card.architecture, "folds": card.folds,
            "input_size": f"{card.input_size[0]}x{card.input_size[1]}"}
     auc = card.metrics.get("oof_auc", {})
@@ -160,16 +171,16 @@ def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict
     pair, store_dice = {}, None
     if store_url:
         store_dice = store_pair_dice(store_url, archive, true_area)
-        pair["CAM pseudo-masks as stored"] = store_dice
-    rows: dict = dict(metrics.dice_with_baselines(pair, true_area, shape[0] * shape[1]))
+        pair[STORE_ROW] = store_dice
+    computed = scored_rows(pair, {STORE_ROW: "CAM pseudo-masks as stored"}, true_area, shape[0] * shape[1])
+    rows: dict = {k: {"label": computed.label(k), **card_rows(computed)[k]} for k in computed}
     cam_row = tuned_cam_row(model_card) if model_card is not None else None
     if cam_row is not None:
-        rows["CAM masks out of fold, tuned per class (classifier card)"] = cam_row
+        rows[CARD_CAM_ROW] = {**cam_row, "label": "CAM masks out of fold, tuned per class (classifier card)"}
     for url, card in seg_cards.items():
-        for n, r in card.metrics.get("seg_oof", {}).items():
-            rows[n] = r
+        rows.update(card.metrics.get("seg_oof", {}))
     # baselines last, as in the printed tables
-    order = [k for k in rows if not k.startswith("baseline")] + [k for k in rows if k.startswith("baseline")]
+    order = [k for k in rows if not k.startswith("baseline/")] + [k for k in rows if k.startswith("baseline/")]
     return {k: rows[k] for k in order}, store_dice
 
 
@@ -184,11 +195,8 @@ def _sweeps(model_card, seg_cards: dict) -> dict:
 
 
 def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_models, seg_models, store_dice,
-             examples: int, w: _Writer, device, log) -> list[dict]:
+             examples: int, w: _Pictures) -> list[dict]:
     """Per class, the picked images as rows of captioned panels."""
-    from ..cam import compute_cams
-    from ..models.segmenter import predict_maps
-
     t = table.to_pydict()
     rows = {(i, c): (e, s, h, wd) for i, c, e, s, h, wd in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
                                                                 t["score"], t["height"], t["width"])}
@@ -223,61 +231,72 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             if truth is not None:
                 panels.append((f"true mask ({int(truth.sum())} px)", overlay.mask_overlay(img, truth, color)))
             if cls_models is not None:
-                card, models, folds = cls_models
-                chosen, which = _oof(models, folds, iid)
-                x = preprocess.to_input(preprocess.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
-                method = card.postprocess.get("method", "gradcam++")
-                aug = card.postprocess.get("aug_smooth", True)
-                cams, probs = compute_cams(chosen, x, method, aug, out_size=(h, wd))
-                kc = card.class_ids.index(cid)
-                panels.append((f"{method}{' + aug smooth' if aug else ''} heatmap, {which}, class probability "
-                               f"{float(probs[0, kc]):.2f}", overlay.heatmap_overlay(img, cams[0, kc].cpu().numpy())))
+                pred, folds = cls_models
+                fold, which = _oof(pred, folds, iid)
+                cams, probs = pred.maps(img[None], out_size=(h, wd), fold=fold)
+                kc = pred.class_ids.index(cid)
+                panels.append((f"{pred.method}{' + aug smooth' if pred.aug_smooth else ''} heatmap, {which}, "
+                               f"class probability {float(probs[0, kc]):.2f}", overlay.heatmap_overlay(img, cams[0, kc].cpu().numpy())))
             cap = f"pseudo-mask in the store ({int(pseudo.sum())} px, score {score:.2f}"
             if truth is not None:
                 cap += f", Dice {float(metrics.dice(pseudo, truth)):.2f}"
             panels.append((cap + ")", overlay.mask_overlay(img, pseudo, color)))
-            for name, (card, models, folds) in (seg_models or {}).items():
-                chosen, which = _oof(models, folds, iid)
-                x = preprocess.to_input(preprocess.prepare(img, tuple(card.input_size))[None], card.mean, card.std, device=device)
-                maps, sc = predict_maps(chosen, x, (h, wd))
-                kc = card.class_ids.index(cid)
-                pp = PostProcess.model_validate(card.postprocess or {"confidence": 0.0, "threshold": 0.2})
-                m = apply(maps.cpu().numpy(), sc.cpu().numpy(), pp)[0, kc]
+            for name, (pred, folds) in (seg_models or {}).items():
+                fold, which = _oof(pred, folds, iid)
+                m = pred.masks(img[None], [(h, wd)], fold=fold)[0][0][pred.class_ids.index(cid)]
                 cap = f"segmenter {name}, {which} ({int(m.sum())} px"
                 if truth is not None:
                     cap += f", Dice {float(metrics.dice(m, truth)):.2f}"
                 panels.append((cap + ")", overlay.mask_overlay(img, m, color)))
             files = [(caption, w.png(f"gallery-c{cid}-{j}-{n}", pic)) for n, (caption, pic) in enumerate(panels)]
             section["examples"].append({"label": label, "image_id": iid, "value": float(values[p]), "panels": files})
-        log(f"  gallery: class {cid}, {len(picks)} of {len(ids)} images")
+        _log.info(f"  gallery: class {cid}, {len(picks)} of {len(ids)} images")
         out.append(section)
     return out
 
 
 def build_report(out: str, *, archive: str | None = None, store_url: str | None = None, model: str | None = None,
-                 segmenters: list[str] | tuple = (), examples: int = 3, device=None, log=None) -> ReportSummary:
-    """Write ``out/index.html`` and ``out/img/*.png`` from whatever is given (see module doc).
+                 segmenters: list[str] | tuple = (), examples: int = 3, device=None) -> ReportSummary:
+    """Write ``out/index.html`` and ``out/img/*.png`` from whatever is given (see module doc):
+    :func:`compose_report`, then :func:`write_report`."""
+    t0 = time.perf_counter()
+    report = compose_report(archive=archive, store_url=store_url, model=model, segmenters=segmenters,
+                            examples=examples, device=device)
+    return write_report(out, report, seconds=time.perf_counter() - t0)
+
+
+def write_report(out: str, report: Report, seconds: float = 0.0) -> ReportSummary:
+    """Write the pictures, then the page (so a page on disk always has its pictures)."""
+    for rel, content in report.pictures.items():
+        io.write_bytes(io.join(out, rel), content)
+    html_url = io.join(out, REPORT_FILE)
+    io.write_bytes(html_url, report.html.encode())
+    return ReportSummary(out=out, html=html_url, images=list(report.pictures), sections=report.sections,
+                         seconds=seconds)
+
+
+def compose_report(*, archive: str | None = None, store_url: str | None = None, model: str | None = None,
+                   segmenters: list[str] | tuple = (), examples: int = 3, device=None) -> Report:
+    """The page and its pictures, from whatever is given (see module doc); nothing is written.
 
     ``model`` defaults to the classifier that wrote the store's newest run; gallery images are
     read from ``archive`` if given, else from the store's recorded image prefix.
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if not (store_url or model or segmenters):
         raise ValueError("give at least one of --store, --model, --segmenter")
     if examples < 0:
         raise ValueError(f"examples must be >= 0, got {examples}")
-    t0 = time.perf_counter()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    w = _Writer(out)
+    dev = pick_device(device)
+    w = _Pictures()
     arch = Archive.open(archive) if archive else None
     runs = store.committed_runs(store_url) if store_url else []
     if store_url and not runs:
         raise store.StoreError(f"{store_url} holds no committed labeling run")
-    newest = runs[-1] if runs else {}
-    if model is None and newest.get("model_kind", "classifier") == "classifier" and newest.get("model"):
-        model = newest["model"]
+    newest = runs[-1] if runs else None
+    if model is None and newest is not None and newest.model_kind == "classifier" and newest.model:
+        model = newest.model
     model_card = None
     if model:
         try:
@@ -285,7 +304,7 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
         except ArtifactError as e:
             if store_url is None:
                 raise
-            log(f"  leaving out the classifier sections: {e}")
+            _log.info(f"  leaving out the classifier sections: {e}")
             model = None
     if model_card is not None and model_card.kind != "classifier":
         raise ArtifactError(f"{model} holds a {model_card.kind}; pass segmenters with --segmenter")
@@ -304,16 +323,16 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
         ctx["inputs"].append(("archive", arch.source, f"{len(arch)} images, "
                               + ("true masks" if arch.has_masks else "image-level labels only")))
     if store_url:
-        ctx["inputs"].append(("label store", store_url, f"{len(runs)} committed run(s); newest {newest['run_id']} "
-                              f"by {newest.get('model_kind', 'classifier')} {newest.get('model_version', '?')}"))
+        ctx["inputs"].append(("label store", store_url, f"{len(runs)} committed run(s); newest {newest.run_id} "
+                              f"by {newest.model_kind} {newest.model_version or '?'}"))
     if model_card is not None:
         ctx["inputs"].append(("classifier", model, f"{model_card.architecture}, version {model_card.version}"))
     for url, card in seg_cards.items():
-        ctx["inputs"].append(("segmenter", url, f"{card.head.get('architecture', 'Unet')} with {card.architecture}, "
-                              f"trained on {card.training.get('masks', '?')}, version {card.version}"))
+        ctx["inputs"].append(("segmenter", url, f"{card.head.architecture} with {card.architecture}, "
+                              f"trained on {card.training.masks or '?'}, version {card.version}"))
     sections = []
     if model_card is not None:
-        log("report: classifier sections")
+        _log.info("report: classifier sections")
         ctx["classifier"] = _classifier_sections(model_card, model, arch, w, names)
         sections.append("ROC-AUC")
         if "table2" in ctx["classifier"]:
@@ -322,7 +341,7 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
             ctx["notes"].append(f"no CAM Dice ablation: run `cam2seg evaluate --model {model} --truth ARCHIVE` first")
     store_dice, table = None, None
     if arch is not None and arch.has_masks and (store_url or seg_cards):
-        log("report: Table 3")
+        _log.info("report: Table 3")
         rows, store_dice = _table3(arch, store_url, model_card, seg_cards, names)
         ctx["table3"] = _rows_table(rows, names)
         ctx["table3_png"] = w.png("dice-per-class", plots.dice_bars(
@@ -358,22 +377,13 @@ def build_report(out: str, *, archive: str | None = None, store_url: str | None 
             np.nan_to_num(scores), names, labels, f"class scores of {len(ids)} labelled images"))
         sections.append("score distributions")
         if examples:
-            log("report: gallery")
-            cls = _load_classifier(model, dev) if model_card is not None else None
-            segs = {}
-            from ..models.segmenter import load_segmenters
-
-            for url in seg_cards:
-                c, m = load_segmenters(url, dev)
-                segs[url.rstrip("/").rsplit("/", 1)[-1]] = (c, m, _folds_of(url))
-            ctx["gallery"] = _gallery(arch, newest.get("images"), table, cls, segs, store_dice, examples, w, dev, log)
+            _log.info("report: gallery")
+            cls = _load_predictor(model, dev) if model_card is not None else None
+            segs = {url.rstrip("/").rsplit("/", 1)[-1]: _load_predictor(url, dev) for url in seg_cards}
+            ctx["gallery"] = _gallery(arch, newest.images, table, cls, segs, store_dice, examples, w)
             sections.append("gallery")
     else:
         ctx["notes"].append("no label store given: no score distributions or gallery")
     env = Environment(loader=PackageLoader("cam2seg.review", "templates"), autoescape=select_autoescape(["html"]))
-    page = env.get_template("report.html").render(**ctx)
-    html_url = io.join(out, REPORT_FILE)
-    io.write_bytes(html_url, page.encode())
-    return ReportSummary(out=out, html=html_url, images=w.files, sections=sections,
-                         seconds=time.perf_counter() - t0)
+    return Report(env.get_template("report.html").render(**ctx), dict(w), sections)
 

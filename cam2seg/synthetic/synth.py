@@ -1,8 +1,8 @@
 """A synthetic Severstal-like archive: rolled-steel strips with four kinds of localised defect.
 
 The generator is a fair test bed for weakly supervised segmentation: each class has its own
-look *and* its own geometry, fitted to the real Severstal masks (severstal_mask_stats.md,
-checked by ``cam2seg synth --stats``), and the background carries things a classifier must
+look *and* its own geometry, fitted to the real Severstal masks (the reference numbers in
+:mod:`cam2seg.synthetic.maskstats`, checked by ``cam2seg synth --stats``), and the background carries things a classifier must
 learn to ignore (texture, banding, gradients, and bright glare or dark off-strip areas near
 the left/right edge that are not defects).
 

@@ -82,7 +82,7 @@ def train_fold_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed * 1000 + fold)
     amp = cfg.mixed_precision and device.type == "cuda"
-    say = (lambda msg: print(f"[fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = training.fold_say(f"[fold {fold}]", rank)
 
     model = create_classifier(cfg.encoder, len(config["train_labels"][0]), cfg.hidden, cfg.dropout, cfg.pretrained,
                               cfg.output_stride, cfg.pool)

@@ -16,18 +16,24 @@ of what determines the weights into ``work``, so a changed config starts afresh.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Callable
 
-from .. import io
+from .. import io, logs
 from .loop import FINAL_FILE
 
 __all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url"]
 
+_log = logging.getLogger(__name__)
+
 # Settings that change how a run executes but not what it learns: they stay out of run keys.
 RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
                 "gpus_per_worker"}
+
+_POLL_S = 1.0    # how often the driver shows the workers' new lines
+_NOTE_S = 60.0   # a "still training" line after this long without news of a fold
 
 
 def _storage(url: str):
@@ -89,26 +95,46 @@ def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers:
 
 
 def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: int, cpus: float, gpus: float,
-              max_failures: int, staged: tuple[str, ...], log, t0: float | None = None) -> None:
+              max_failures: int, staged: tuple[str, ...], t0: float | None = None) -> None:
     """Run ``loop`` (a ``train_loop_per_worker``) once per fold in ``configs`` (fold -> loop
-    config), concurrently; a failing fold cancels the others and raises."""
+    config), concurrently; a failing fold cancels the others and raises.
+
+    The training workers' ``cam2seg`` log records (epoch lines) come back through a log sink
+    (:class:`cam2seg.logs.LogRelay`) that this loop reads every second, so they show on the
+    driver as its own lines, whatever Ray does with worker output."""
     import ray
 
     t0 = time.perf_counter() if t0 is None else t0
+    relay = logs.LogRelay()
+    # Ray Train's helpers in the workers (its placement-group cleaner's State API calls) look
+    # for "the" local cluster by listing gcs_server processes when RAY_ADDRESS is unset, and
+    # fail when two commands each run a local Ray. Tell the folds' process tree which one is
+    # theirs: runtime_env env_vars are inherited by the Train controller and its actors.
+    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
-    pending = {task.options(name=f"cam2seg-fold-{k}").remote(k, loop, cfg, work, workers, cpus, gpus, max_failures,
-                                                              staged): k
-               for k, cfg in configs.items()}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
-        for ref in ready:
-            k = pending.pop(ref)
-            try:
-                ray.get(ref)
-            except Exception as e:
-                for other in pending:
-                    ray.cancel(other)
-                raise RuntimeError(f"fold {k} failed: {e}") from e
-            log(f"fold {k}: done ({time.perf_counter() - t0:.0f}s since start, {len(pending)} fold(s) still running)")
-        if not ready:
-            log(f"... {len(pending)} fold(s) still training ({time.perf_counter() - t0:.0f}s)")
+    try:
+        pending = {task.options(name=f"cam2seg-fold-{k}", runtime_env=env).remote(
+                       k, loop, cfg, work, workers, cpus, gpus, max_failures, staged): k
+                   for k, cfg in configs.items()}
+        last_note = time.perf_counter()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
+            if ready:
+                relay.flush()  # a finished fold's last lines come before its "done"
+            else:
+                relay.poll()
+            for ref in ready:
+                k = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    for other in pending:
+                        ray.cancel(other)
+                    raise RuntimeError(f"fold {k} failed: {e}") from e
+                _log.info(f"fold {k}: done ({time.perf_counter() - t0:.0f}s since start, {len(pending)} fold(s) still running)")
+                last_note = time.perf_counter()
+            if pending and time.perf_counter() - last_note >= _NOTE_S:
+                _log.info(f"... {len(pending)} fold(s) still training ({time.perf_counter() - t0:.0f}s)")
+                last_note = time.perf_counter()
+    finally:
+        relay.close()

@@ -18,13 +18,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import preprocess
+from .. import logs, preprocess
 from . import state, swa
 
-__all__ = ["FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState"]
+__all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState"]
 
 FINAL_FILE = "final.json"
 _STATE_FILE = "state.json"
+
+_log = logging.getLogger(__name__)
+
+
+def fold_say(prefix: str, rank: int):
+    """Rank 0's progress line writer for one fold (``"[fold 1] epoch 3/30 ..."``); the other
+    DDP ranks stay quiet, since they would repeat rank 0's line."""
+    logs.configure()
+    if rank:
+        return lambda msg: None
+    return lambda msg: _log.info("%s %s", prefix, msg)
 
 
 def quiet_ray_reports() -> None:

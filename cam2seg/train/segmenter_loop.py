@@ -94,7 +94,7 @@ def train_segmenter_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed * 1000 + fold)
     amp = cfg.mixed_precision and device.type == "cuda"
-    say = (lambda msg: print(f"[segmenter fold {fold}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = training.fold_say(f"[segmenter fold {fold}]", rank)
 
     model = create_segmenter(cfg.architecture, cfg.encoder, int(config["num_classes"]), cfg.encoder_weights,
                              cfg.decoder_channels)

@@ -1,0 +1,119 @@
+"""Any saved artifact as one predictor: maps and masks for images, with the card's post-processing.
+
+``load_predictor(url)`` reads a classifier artifact (maps = CAMs of the fold ensemble, scores
+= class probabilities) or a segmenter artifact (maps = mean sigmoid of the fold ensemble,
+scores = each map's maximum) and returns a :class:`Predictor` with one contract for both:
+
+* ``maps(images, out_size=None, fold=None)`` -> (maps ``float32[B, C, H, W]`` in [0, 1],
+  scores ``float32[B, C]``), torch tensors on the predictor's device;
+* ``masks(images, shapes)`` -> (masks, one ``bool[C, H_i, W_i]`` per image at its original size,
+  scores ``float32[B, C]`` numpy), after the card's post-processing.
+
+``images`` are grey ``uint8[B, h, w]``; images not at the card's ``input_size`` are resized
+first (:func:`cam2seg.preprocess.prepare`). ``fold=k`` uses fold model ``k`` alone (out-of-fold
+scoring); the default is the mean of all folds. The device is chosen once, by
+:func:`pick_device`, for the label job, evaluation and the report alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import preprocess
+from ..artifact import ModelCard, load_card
+from ..cam import DEFAULT_METHOD, compute_cams
+from ..postprocess import PostProcess, apply
+from .classifier import load_fold_models
+from .segmenter import load_segmenters, predict_maps
+
+__all__ = ["Predictor", "load_predictor", "pick_device"]
+
+
+def pick_device(device=None) -> torch.device:
+    """``device`` if given, else the first CUDA device when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class Predictor:
+    """Fold models of one artifact on one device, with the post-processing its masks use.
+
+    ``method`` and ``aug_smooth`` pick the CAM variant (classifiers only).
+    """
+
+    card: ModelCard
+    models: list
+    device: torch.device
+    postprocess: PostProcess
+    method: str = DEFAULT_METHOD
+    aug_smooth: bool = True
+
+    @property
+    def kind(self) -> str:
+        return self.card.kind
+
+    @property
+    def class_ids(self) -> list[int]:
+        return list(self.card.class_ids)
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """``uint8[B, h, w]`` -> the normalised model input ``float32[B, 3, *input_size]``."""
+        size = tuple(self.card.input_size)
+        images = np.asarray(images)
+        if images.ndim != 3:
+            raise ValueError(f"images must be grey uint8[B, h, w], got shape {images.shape}")
+        if tuple(images.shape[1:]) != size:
+            images = np.stack([preprocess.prepare(im, size) for im in images]) if len(images) else \
+                np.zeros((0, *size), np.uint8)
+        return preprocess.to_input(images, self.card.mean, self.card.std, device=self.device)
+
+    def maps(self, images: np.ndarray, out_size: tuple[int, int] | None = None,
+             fold: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps in [0, 1] at ``out_size`` or the input size, scores); see the module doc."""
+        models = self.models if fold is None else self.models[fold]
+        x = self.inputs(images)
+        if self.kind == "segmenter":
+            return predict_maps(models, x, out_size)
+        return compute_cams(models, x, self.method, self.aug_smooth, out_size=out_size)
+
+    def masks(self, images: np.ndarray, shapes, fold: int | None = None,
+              postprocess: PostProcess | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Masks of each image at its original ``(H, W)`` in ``shapes``, and the scores.
+
+        Maps are resized to each image's own size before the threshold, so masks keep the
+        resolution the image had; ``postprocess`` overrides the card's setting.
+        """
+        maps, scores = self.maps(images, fold=fold)
+        pp = postprocess or self.postprocess
+        scores_np = scores.float().cpu().numpy()
+        out = []
+        for i, (h, w) in enumerate(shapes):
+            m = maps[i : i + 1]
+            if tuple(m.shape[-2:]) != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(apply(m.float().cpu().numpy(), scores_np[i : i + 1], pp)[0])
+        return out, scores_np
+
+
+def load_predictor(url: str, device=None, *, weights: str = "swa", method: str | None = None,
+                   aug_smooth: bool | None = None) -> Predictor:
+    """The :class:`Predictor` of the artifact at ``url`` (a classifier or a segmenter).
+
+    ``weights``: "swa" (the artifact's weights) or "best-epoch" (classifiers: each fold's best
+    single epoch, for ablations). ``method`` / ``aug_smooth``: the CAM variant; by default the
+    one the card's post-processing was tuned for, else GradCAM++ with aug smoothing.
+    """
+    dev = pick_device(device)
+    if load_card(url).kind == "segmenter":
+        card, models = load_segmenters(url, dev)
+    else:
+        card, models = load_fold_models(url, dev, weights=weights)
+    post = card.postprocess
+    return Predictor(card, models, dev, post.setting(),
+                     method=method or post.method or DEFAULT_METHOD,
+                     aug_smooth=post.aug_smooth if aug_smooth is None and post.aug_smooth is not None
+                     else (True if aug_smooth is None else aug_smooth))
