@@ -194,7 +194,11 @@ def build_fold_models(url: str, card: ModelCard, states: list[dict], build, devi
     weights that do not fit the card's architecture are an :class:`ArtifactError`."""
     models = []
     for k, sd in enumerate(states):
-        model = build()
+        try:
+            model = build()
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # timm / smp: unknown name or settings
+            raise ArtifactError(f"{url}: cannot build the model its card describes ({card.architecture}): "
+                                f"{str(e)[:300]}") from None
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

@@ -110,8 +110,12 @@ def cmd_synth(args) -> int:
     from .synthetic import synth
 
     cfg = effective_config(args).synth
-    summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction,
-                                  cfg.workers, mix=cfg.class_mix)
+    try:
+        summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction,
+                                      cfg.workers, mix=cfg.class_mix, force=args.force)
+    except FileExistsError as e:  # a non-empty OUT without --force: nothing was written
+        print(f"cam2seg synth: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {summary['images']} images ({cfg.height}x{cfg.width}) to {args.out} "
           f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s)")
     per_class = ", ".join(f"class {c}: {n}" for c, n in summary["images_per_class"].items())
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flags(p, "synth", ["images", ("height", {"metavar": "H"}), ("width", {"metavar": "W"}),
                               ("seed", {"metavar": "S"}), "clean_fraction", "workers", "class_mix"])
     p.add_argument("--stats", action="store_true", help="print mask geometry beside real Severstal's")
+    p.add_argument("--force", action="store_true", help="empty OUT first when it is not empty (else refused)")
     _add_config(p)
     p.set_defaults(func=cmd_synth)
 

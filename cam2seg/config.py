@@ -156,6 +156,8 @@ class LabelConfig(_Section):
     commit_every: int = Field(10000, ge=1, description="commit the run's parts after this many more images")
     image_size: str = Field("auto", description="expected HEIGHTxWIDTH of every image, 'any', or 'auto' "
                             "(the size the model's training archive had)")
+    max_pixels: int = Field(64 * 1024 * 1024, ge=1, description="images whose header declares more pixels than "
+                            "this are error rows, never decoded (decompression bombs)")
     lease_ttl: float = Field(600.0, gt=0, description="seconds without heartbeat before a run's lease expires")
 
     @field_validator("image_size")

@@ -25,9 +25,13 @@ __all__ = [
     "join",
     "check_key",
     "list_images",
+    "list_image_sizes",
+    "outside_prefix",
+    "DEFAULT_MAX_PIXELS",
     "read_bytes",
     "write_bytes",
     "exists",
+    "check_writable_parent",
     "decode_image",
     "image_size",
     "encode_png",
@@ -35,6 +39,10 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+#: Images declaring more pixels than this are refused before decoding (decompression bombs):
+#: 64 Mpx is 40x a Severstal image and ~64 MB as grey uint8, ~192 MB as RGB.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
 class ImageDecodeError(ValueError):
@@ -95,7 +103,17 @@ def list_images(prefix: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, **sto
 
     One recursive listing call (a paginated ListObjectsV2 on S3, a directory walk locally),
     filtered by extension case-insensitively. Raises FileNotFoundError for a missing prefix.
+    Local symlinks are listed like files (wherever they point), so that readers can refuse
+    the ones that resolve outside the prefix with a reason (:func:`outside_prefix`).
     """
+    return sorted(list_image_sizes(prefix, extensions, **storage_options))
+
+
+def list_image_sizes(prefix: str, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                     **storage_options) -> dict[str, int | None]:
+    """``{key: size in bytes}`` of the image files under ``prefix``; same listing and keys as
+    :func:`list_images` (sizes come with the listing: no extra request per file). The size is
+    None where the listing has none (a dangling local symlink)."""
     fs, root = filesystem(prefix, fresh=True, **storage_options)
     root = root.rstrip("/")
     if not fs.exists(root):
@@ -103,14 +121,32 @@ def list_images(prefix: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, **sto
     if fs.isfile(root):
         raise NotADirectoryError(f"image prefix is a file, not a folder: {prefix}")
     exts = tuple(e.lower() for e in extensions)
-    keys = []
-    for path in fs.find(root, withdirs=False):
-        rel = posixpath.relpath(path, root) if isinstance(fs, LocalFileSystem) else path[len(root) + 1 :]
+    local = isinstance(fs, LocalFileSystem)
+    out: dict[str, int | None] = {}
+    for path, info in fs.find(root, withdirs=False, detail=True).items():
+        rel = posixpath.relpath(path, root) if local else path[len(root) + 1 :]
         rel = rel.replace(os.sep, "/")
         if rel.lower().endswith(exts) and not any(p.startswith(".") for p in rel.split("/")):
-            keys.append(rel)
-    keys.sort()
-    return keys
+            size = info.get("size")
+            if local and info.get("islink") and not os.path.exists(path):
+                size = None  # dangling link: the listing's size is the link's own
+            out[rel] = None if size is None else int(size)
+    return dict(sorted(out.items()))
+
+
+def outside_prefix(url: str, prefix: str) -> bool:
+    """Whether a local ``url`` resolves (symlinks followed) outside the local folder ``prefix``.
+
+    Object-store keys cannot point elsewhere, so URLs with a non-local protocol are never
+    outside. Used to refuse symlinks such as ``img.jpg -> /etc/...`` in an image folder.
+    """
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        return False
+    _, root = filesystem(prefix)
+    root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return not (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
 
 
 def read_bytes(url: str, **storage_options) -> bytes:
@@ -132,7 +168,13 @@ def write_bytes(url: str, data: bytes, **storage_options) -> None:
     fs, path = filesystem(url, **storage_options)
     if isinstance(fs, LocalFileSystem):
         parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(f"cannot write {url}: {_file_ancestor(parent) or parent} is a file, "
+                                     "not a folder") from None
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot write {url}: it is a folder")
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -147,25 +189,73 @@ def write_bytes(url: str, data: bytes, **storage_options) -> None:
         fs.pipe_file(path, data)
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def _file_ancestor(path: str) -> str | None:
+    """The nearest existing ancestor of a local ``path`` (itself included) that is not a folder."""
+    p = os.path.abspath(path)
+    while True:
+        if os.path.lexists(p):
+            return None if os.path.isdir(p) else p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
+def check_writable_parent(url: str, **storage_options) -> None:
+    """Raise NotADirectoryError when a local ``url`` cannot be created because one of its
+    parents is a file (``somefile.txt/out.json``); checked before work that would be lost."""
+    fs, path = filesystem(url, **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        blocker = _file_ancestor(os.path.dirname(path))
+        if blocker is not None:
+            raise NotADirectoryError(f"cannot write {url}: {blocker} is a file, not a folder")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot write {url}: it is a folder")
+
+
+def _check_pixels(w: int, h: int, max_pixels: int | None) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"image declares an empty size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(f"image declares {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                               "(label.max_pixels); not decoded")
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode JPEG/PNG bytes to ``uint8[H, W]`` (grayscale) or ``uint8[H, W, 3]`` (colour).
 
     Palette and bilevel images are expanded; RGBA/LA with a fully opaque alpha lose the alpha.
     Refused with ImageDecodeError (the message is the reason): empty or truncated files,
-    non-images, 16-bit or float images (no safe 8-bit scaling is implied), and images with
-    real transparency.
+    non-images, 16-bit or float images (no safe 8-bit scaling is implied), images with
+    real transparency, and images whose header declares more than ``max_pixels`` pixels
+    (checked before any pixel is decoded; None: no limit of cam2seg's own, Pillow's still
+    applies). Any other exception Pillow raises while decoding becomes ImageDecodeError too.
     """
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        return _decode(data, max_pixels)
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image file") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image declares more pixels than the decompression-bomb limit; not decoded "
+                               f"(Pillow: {e})") from None
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    except Exception as e:  # noqa: BLE001 -- any decoder failure is a property of the file, never of the job
+        raise ImageDecodeError(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
+
+
+def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    _check_pixels(*img.size, max_pixels)
+    img.load()
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         raise ImageDecodeError(f"16/32-bit image (mode {mode}); convert the archive to 8-bit")
@@ -195,6 +285,8 @@ def image_size(data: bytes) -> tuple[int, int]:
             w, h = img.size
     except (UnidentifiedImageError, OSError) as e:
         raise ImageDecodeError(f"cannot read image header: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- e.g. Pillow's DecompressionBombError, SyntaxError
+        raise ImageDecodeError(f"cannot read image header: {type(e).__name__}: {e}") from None
     return h, w
 
 

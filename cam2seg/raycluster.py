@@ -15,6 +15,20 @@ session folder (``<session>/logs``):
 * the raylet's "N worker processes have been started" warning, which the driver's error
   listener prints on stdout, goes to that file too; other messages Ray pushes to the driver
   (a worker that died, a node that was lost) still print.
+
+Security of the local Ray a command starts (none is found, no RAY_ADDRESS):
+
+* it listens on loopback only: its node IP is 127.0.0.1, so the GCS, the raylet, the core
+  workers' gRPC servers, the dashboard and runtime-env agents and the metrics servers bind
+  127.0.0.1 (``ray.init`` turns ``_node_ip_address="127.0.0.1"`` into the LAN address through
+  ``ray._private.services.resolve_ip_for_localhost``; that call is bypassed for 127.0.0.1
+  while ``ray.init`` runs).
+* it keeps Ray's token authentication on: RAY_AUTH_MODE unset means ``token`` (Ray creates
+  ``~/.ray/auth_token`` when there is none). ``RAY_AUTH_MODE=disabled`` (or any other mode) is
+  refused with :class:`UnauthenticatedRayError` unless ``CAM2SEG_ALLOW_UNAUTHENTICATED_RAY=1``.
+
+A cluster cam2seg joins (RAY_ADDRESS, or a head ``ray start`` left for ``ray.init()`` to find)
+is its operator's: nothing is checked or changed there.
 """
 
 from __future__ import annotations
@@ -23,21 +37,40 @@ import logging
 import logging.handlers
 import os
 import re
+from contextlib import contextmanager
 
-__all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto"]
+__all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto", "UnauthenticatedRayError", "ALLOW_UNAUTHENTICATED_ENV"]
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's: ray._private.authentication.authentication_token_setup
+ALLOW_UNAUTHENTICATED_ENV = "CAM2SEG_ALLOW_UNAUTHENTICATED_RAY"
+LOOPBACK = "127.0.0.1"
 
 _FILE_HANDLER = "cam2seg-ray-file"
 _RAY_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own
 _POOL_WARNING = re.compile(r"^WARNING: \d+ \w+ worker processes have been started on node")
 
 
+class UnauthenticatedRayError(ValueError):
+    """A local Ray cluster would start without authentication (RAY_AUTH_MODE=disabled)."""
+
+
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one; quiet about it (see the
-    module doc). Does nothing when Ray is already initialized: that caller's settings stand."""
+    """Connect to the cluster in RAY_ADDRESS, or start a local one on loopback with token
+    authentication; quiet about it (see the module doc). Does nothing when Ray is already
+    initialized: that caller's settings stand.
+
+    Raises :class:`UnauthenticatedRayError` (a ``ValueError``: exit 2 from the CLI) before
+    anything starts when a local cluster would run without authentication."""
     import ray
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS") or None
+    local = address is None and _starts_local_cluster()
+    init_kwargs = {}
+    if local:
+        _require_token_auth()
+        init_kwargs["_node_ip_address"] = LOOPBACK
     ray_logger = logging.getLogger("ray")
     consoles = _console_handlers(ray_logger)
     for h in consoles + [h for h in ray_logger.handlers if h.get_name() == _FILE_HANDLER]:
@@ -46,8 +79,8 @@ def ensure_ray() -> None:
     held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     ray_logger.addHandler(held)
     try:
-        ctx = ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                       log_to_driver=False)
+        with _loopback_node_ip(local):
+            ctx = ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_kwargs)
     except BaseException:
         # no session to write to: show what Ray said where Ray would have shown it
         ray_logger.removeHandler(held)
@@ -63,6 +96,78 @@ def ensure_ray() -> None:
     ray_logger.addHandler(file_handler)
     _quiet_ray_data(file_handler)
     _worker_pool_warning_to_file()
+    if local:
+        node_ip = (getattr(ctx, "address_info", None) or {}).get("node_ip_address")
+        ray_logger.info("cam2seg: local Ray on node IP %s, %s=%s", node_ip, AUTH_MODE_ENV,
+                        os.environ.get(AUTH_MODE_ENV))
+
+
+def _starts_local_cluster() -> bool:
+    """Whether ``ray.init(address=None)`` will start a new local cluster, rather than join a
+    head found on this machine (``ray start``), as ``ray.init`` itself decides."""
+    try:
+        from ray._private import services
+
+        services.find_gcs_addresses.cache_clear()
+        return services.canonicalize_bootstrap_address(None) is None
+    except Exception:  # Ray's internals moved: let ray.init decide, without cam2seg's node IP
+        return False
+
+
+def _require_token_auth() -> None:
+    """Token authentication for the local cluster about to start, or the explicit opt-out.
+
+    RAY_AUTH_MODE unset (or empty): set it to ``token`` for this process and the Ray processes
+    it starts, and refresh Ray's cached config (what Ray's own ``_enable_token_auth`` does);
+    ``ray.init`` then creates ``~/.ray/auth_token`` if missing. Any other mode than ``token``
+    is refused unless CAM2SEG_ALLOW_UNAUTHENTICATED_RAY=1."""
+    mode = (os.environ.get(AUTH_MODE_ENV) or "").strip()
+    if not mode:
+        os.environ[AUTH_MODE_ENV] = "token"
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")  # the C++ side caches RAY_AUTH_MODE as read at import
+        except Exception:  # older/newer Ray: ray.init's own default (token) applies
+            pass
+        return
+    if mode.lower() == "token":
+        return
+    if os.environ.get(ALLOW_UNAUTHENTICATED_ENV) == "1":
+        logging.getLogger(__name__).warning(
+            "%s=%s: the local Ray cluster runs without authentication (%s=1); it listens on %s only",
+            AUTH_MODE_ENV, mode, ALLOW_UNAUTHENTICATED_ENV, LOOPBACK)
+        return
+    raise UnauthenticatedRayError(
+        f"{AUTH_MODE_ENV}={mode} would start a local Ray cluster without authentication; unset "
+        f"{AUTH_MODE_ENV} (or set it to token), or set {ALLOW_UNAUTHENTICATED_ENV}=1 to accept that")
+
+
+@contextmanager
+def _loopback_node_ip(active: bool):
+    """While ``ray.init`` runs: keep ``_node_ip_address="127.0.0.1"`` as given. Ray replaces a
+    loopback address by the machine's LAN address (``services.resolve_ip_for_localhost``),
+    which makes every server of the node listen on all interfaces; with 127.0.0.1 as the node
+    IP they bind loopback (the C++ gRPC servers, the agents, the metrics servers)."""
+    if not active:
+        yield
+        return
+    try:
+        from ray._private import services
+
+        original = services.resolve_ip_for_localhost
+    except Exception:
+        yield
+        return
+
+    def resolve_ip_for_localhost(host):
+        return host if host == LOOPBACK else original(host)
+
+    services.resolve_ip_for_localhost = resolve_ip_for_localhost
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:

@@ -214,9 +214,17 @@ def decode_mask(row: dict) -> np.ndarray:
     return rle.decode(row["encoded_pixels"] or "", int(row["height"]), int(row["width"]))
 
 
-def remove_uncommitted(store: str) -> int:
-    """Delete parts no marker lists (left by crashed runs); returns how many. Call it only
-    while holding the :class:`Lease`, or a running job's fresh parts would go."""
+def remove_uncommitted(store: str, *, lease: Lease | None = None) -> int:
+    """Delete parts no marker lists (left by crashed runs); returns how many.
+
+    Only the holder of the store's :class:`Lease` may call it, or a running job's fresh parts
+    would go. With ``lease`` (what :class:`RunWriter` passes), ``_lock.json`` is re-read before
+    the listing and before every single delete, and :class:`StoreBusy` stops the deleting as soon
+    as another run owns the lock (or it is gone). Without ``lease`` nothing is checked: the
+    caller vouches that it holds the lease.
+    """
+    if lease is not None:
+        lease.check()
     fs, root = io.filesystem(store)
     root = root.rstrip("/")
     listed = {p.file for m in committed_runs(store) for p in (*m.parts.masks, *m.parts.errors)}
@@ -227,12 +235,16 @@ def remove_uncommitted(store: str) -> int:
             continue
         for path in fs.find(f"{root}/{kind}", withdirs=False):
             if path[len(root) + 1 :] not in listed:
+                if lease is not None:
+                    lease.check()
                 fs.rm_file(path)
                 removed += 1
     return removed
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -242,13 +254,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_started(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), None elsewhere: with
+    the pid it names one process, so a pid reused after a crash (a restarted container) does not
+    pass for the holder."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Lease:
     """Exclusive right to write a store, as a ``_lock.json`` object with a heartbeat.
 
-    A lease is taken over when its holder is gone: a dead pid on this host, or no heartbeat
-    for ``ttl`` seconds (a holder on another host that crashed). Otherwise :class:`StoreBusy`.
-    Object stores have no atomic create here, so acquiring writes, waits and re-reads: two
-    runs starting in the same instant may both back off, never both proceed.
+    The lock records the holder's run id, host, pid (and its start time), heartbeat and its own
+    ``ttl``; the holder rewrites the heartbeat every ``ttl / 4`` seconds. A lease is taken over
+    only when its holder is gone:
+
+    * on this host (same hostname): only when its pid is dead (or is now another process). A
+      live holder here is never taken, however old its heartbeat or short the newcomer's ttl;
+    * on another host: when its heartbeat is older than the ttl *the holder wrote* (a lock
+      without one counts as ``max(ttl, 600)``). The newcomer's own ``ttl`` never shortens it.
+
+    Otherwise :class:`StoreBusy`. Before each heartbeat the holder re-reads the lock; if another
+    run owns it (or it was removed) the lease is *lost*: the heartbeat stops for good, never
+    overwriting the successor, and :meth:`check` (which :class:`RunWriter` calls before every
+    commit and :func:`remove_uncommitted` before every delete) raises :class:`StoreBusy`.
+
+    Object stores have no atomic create or compare-and-swap here, so acquiring writes, waits
+    ``settle`` seconds and re-reads: two runs starting in the same instant may both back off,
+    never both proceed. The same read-then-write race remains between a heartbeat's re-read and
+    its write, and between :meth:`check` and the write it guards; the lease narrows these
+    windows to one request, it does not close them.
     """
 
     def __init__(self, store: str, run_id: str, ttl: float = 600.0, settle: float = 0.5):
@@ -256,22 +295,65 @@ class Lease:
         self.url = io.join(store, LOCK)
         self._stop = threading.Event()
         self._thread = None
+        self._held = False
+        self.lost_to: dict | None = None  # the lock that replaced ours, once the lease is lost
+
+    @property
+    def lost(self) -> bool:
+        """True once the heartbeat or :meth:`check` saw another run own the lock."""
+        return self.lost_to is not None
 
     def _body(self) -> dict:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        pid = os.getpid()
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": pid, "started": _pid_started(pid),
+                "ttl": self.ttl, "heartbeat": time.time()}
 
-    def _current(self) -> dict | None:
+    def _read(self) -> dict | None:
+        """The lock as stored; None if there is none. A torn or foreign lock reads as an empty
+        dict (no holder). OSError if it cannot be read."""
         try:
-            return json.loads(io.read_bytes(self.url))
+            held = json.loads(io.read_bytes(self.url))
         except FileNotFoundError:
             return None
         except ValueError:
-            return None  # a torn or foreign lock file: treat as absent
+            return {}
+        return held if isinstance(held, dict) else {}
+
+    def _current(self) -> dict | None:
+        held = self._read()
+        return held or None  # a torn or foreign lock file: treat as absent
 
     def _stale(self, held: dict) -> bool:
-        if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", -1))):
-            return True
-        return time.time() - float(held.get("heartbeat", 0)) > self.ttl
+        if held.get("host") == socket.gethostname():
+            try:
+                pid = int(held.get("pid", -1))
+            except (TypeError, ValueError):
+                return True
+            if not _pid_alive(pid):
+                return True
+            started = held.get("started")
+            now_started = _pid_started(pid)
+            # the pid lives, but as another process than the one that wrote the lock
+            return started is not None and now_started is not None and str(started) != now_started
+        try:
+            ttl = float(held["ttl"])
+        except (KeyError, TypeError, ValueError):
+            ttl = max(self.ttl, 600.0)
+        try:
+            heartbeat = float(held.get("heartbeat", 0))
+        except (TypeError, ValueError):
+            heartbeat = 0.0
+        return time.time() - heartbeat > ttl
+
+    def _describe(self, held: dict | None) -> str:
+        if not held:
+            return f"{self.url} was removed"
+        try:
+            age = f"{time.time() - float(held.get('heartbeat', 0)):.0f}s ago"
+        except (TypeError, ValueError):
+            age = "unknown"
+        return (f"run {held.get('run_id')} (host {held.get('host')}, pid {held.get('pid')}, heartbeat {age}, "
+                f"ttl {held.get('ttl', '?')}s)")
 
     def acquire(self) -> Lease:
         try:
@@ -279,10 +361,8 @@ class Lease:
         except OSError as e:
             raise StoreError(f"cannot write to the label store {self.store}: {e}") from None
         if held is not None and held.get("run_id") != self.run_id and not self._stale(held):
-            age = time.time() - float(held.get("heartbeat", 0))
-            raise StoreBusy(f"{self.store} is being written by run {held.get('run_id')} (host {held.get('host')}, "
-                            f"pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or if it "
-                            f"died remove {self.url}")
+            raise StoreBusy(f"{self.store} is being written by {self._describe(held)}; wait for it to finish, "
+                            f"or if it died remove {self.url}")
         try:
             io.write_bytes(self.url, json.dumps(self._body()).encode())
         except (OSError, PermissionError) as e:
@@ -291,21 +371,50 @@ class Lease:
         held = self._current()
         if held is None or held.get("run_id") != self.run_id:
             raise StoreBusy(f"{self.store}: run {held and held.get('run_id')} took the lease at the same time")
+        self._held, self.lost_to = True, None
+        self._stop.clear()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="cam2seg-lease")
         self._thread.start()
         return self
 
+    def _owned(self) -> bool:
+        """Re-read the lock: True if it is still ours; records the loss otherwise. OSError if it
+        cannot be read (no verdict)."""
+        held = self._read()
+        if held is not None and held.get("run_id") == self.run_id:
+            return True
+        self.lost_to = held or {}
+        return False
+
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
+                if not self._owned():
+                    return  # lost: never overwrite the successor's lock
                 io.write_bytes(self.url, json.dumps(self._body()).encode())
             except Exception:  # a missed beat only shortens the lease; the next one retries
                 pass
+
+    def check(self) -> None:
+        """Raise :class:`StoreBusy` unless this lease is held and ``_lock.json`` still names
+        this run (read fresh). Call it right before anything only the holder may do."""
+        if not self._held:
+            raise StoreBusy(f"{self.store}: run {self.run_id} does not hold the lease ({self.url})")
+        if not self.lost:
+            try:
+                if self._owned():
+                    return
+            except OSError as e:
+                raise StoreError(f"{self.store}: cannot read the lease {self.url}: {e}") from None
+        self._stop.set()
+        raise StoreBusy(f"{self.store}: lease lost to {self._describe(self.lost_to)}; run {self.run_id} "
+                        f"stops without committing more")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        self._held = False
         held = self._current()
         if held is not None and held.get("run_id") == self.run_id:
             fs, path = io.filesystem(self.url)
@@ -325,7 +434,10 @@ class RunWriter:
     removes parts a crashed run left (``w.removed`` says how many); ``w.add(...)`` records a
     written part batch and commits the marker once ``commit_every`` more images are in it
     (returning True then); ``w.finish(todo)`` checks that every image to do is in exactly one of
-    masks (once per class) or errors, and commits the marker as complete.
+    masks (once per class) or errors, commits the marker as complete and removes parts no marker
+    lists that appeared meanwhile. Every commit and delete first re-checks the lease
+    (:meth:`Lease.check`): once another run owns the store, ``add`` and ``finish`` raise
+    :class:`StoreBusy` ("lease lost to run ...") and commit nothing more.
     """
 
     def __init__(self, store: str, marker: RunMarker, commit_every: int, lease_ttl: float = 600.0):
@@ -336,7 +448,7 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         self.lease.acquire()
         try:
-            self.removed = remove_uncommitted(self.store)
+            self.removed = remove_uncommitted(self.store, lease=self.lease)
         except BaseException:
             self.lease.release()
             raise
@@ -359,8 +471,11 @@ class RunWriter:
         m.labeled += images
         m.errors += error_images
         self._since += images + error_images
+        if self.lease.lost:
+            self.lease.check()  # raises: the lease went to another run
         if self._since < self.commit_every:
             return False
+        self.lease.check()
         commit(self.store, m.run_id, m.model_copy(update={"end": now()}))
         self._since = 0
         return True
@@ -381,5 +496,13 @@ class RunWriter:
             raise RuntimeError(f"run {m.run_id}: written rows do not reconcile with the {len(todo)} images to do "
                                f"({ids.num_rows} mask rows, {len(pairs)} distinct, {errs.num_rows} errors)")
         m.complete, m.end, m.positives = True, now(), list(positives)
+        self.lease.check()
         self.marker = commit(self.store, m.run_id, m)
+        # parts that appeared since __enter__ and no marker lists (a crashed or ousted run's
+        # late writes) go too, so a complete run leaves only committed files; best effort: the
+        # run is committed, and the next run removes whatever is left
+        try:
+            self.removed += remove_uncommitted(self.store, lease=self.lease)
+        except (StoreError, OSError):
+            pass
         return self.marker

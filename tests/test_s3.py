@@ -4,7 +4,7 @@ import pytest
 
 from cam2seg import folds, io
 from cam2seg.synthetic import synth
-from cam2seg.archive import Archive
+from cam2seg.archive import Archive, ArchiveError
 
 
 def test_synthetic_archive_round_trip_through_s3(s3, tmp_path):
@@ -35,7 +35,7 @@ def test_s3_write_read_list_and_errors(s3):
     assert io.list_images("s3://bucket/imgs") == ["a.JPG", "b/2.png"]
     with pytest.raises(FileNotFoundError, match="not found"):
         io.list_images("s3://bucket/nothing-here")
-    with pytest.raises(Exception):
+    with pytest.raises(ArchiveError, match="no train.csv or labels.csv in archive s3://bucket/nothing-here"):
         Archive.open("s3://bucket/nothing-here")
 
 

@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -67,22 +69,134 @@ def test_marker_row_counts_are_checked(tmp_path):
         store.read_masks(root)
 
 
+def _lock(tmp_path):
+    return json.loads((tmp_path / "store" / "_lock.json").read_text())
+
+
+def _write_lock(tmp_path, **lock):
+    (tmp_path / "store").mkdir(exist_ok=True)
+    (tmp_path / "store" / "_lock.json").write_text(json.dumps(lock))
+
+
+@pytest.fixture
+def sleeper():
+    """A live process on this host, stopped by its pid at the end."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield p
+    p.kill()
+    p.wait(10)
+
+
 def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     root = str(tmp_path / "store")
     with store.Lease(root, "run-1", settle=0.01):
         with pytest.raises(store.StoreBusy, match="being written by run run-1"):
             store.Lease(root, "run-2", settle=0.01).acquire()
+        assert _lock(tmp_path)["run_id"] == "run-1"
     assert not (tmp_path / "store" / "_lock.json").exists()
     # a holder that died without releasing: its pid is gone on this host
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock = {"run_id": "run-x", "host": os.uname().nodename, "pid": dead.pid, "heartbeat": 1e12}
-    (tmp_path / "store" / "_lock.json").write_text(json.dumps(lock))
+    _write_lock(tmp_path, run_id="run-x", host=socket.gethostname(), pid=dead.pid, heartbeat=time.time(), ttl=600)
     with store.Lease(root, "run-3", settle=0.01):
-        assert json.loads((tmp_path / "store" / "_lock.json").read_text())["run_id"] == "run-3"
-    # a holder on another host that stopped beating
-    (tmp_path / "store" / "_lock.json").write_text(json.dumps({**lock, "host": "elsewhere", "heartbeat": 0}))
-    store.Lease(root, "run-4", ttl=60, settle=0.01).acquire().release()
+        assert _lock(tmp_path)["run_id"] == "run-3"
+    assert not (tmp_path / "store" / "_lock.json").exists()
+
+
+def test_stale_lease_of_another_host_is_taken_over_by_its_own_ttl(tmp_path):
+    root = str(tmp_path / "store")
+    # heartbeat 100 s old, its holder's ttl 30 s: stale, although the newcomer's ttl is 600 s
+    _write_lock(tmp_path, run_id="run-x", host="elsewhere.invalid", pid=1, heartbeat=time.time() - 100, ttl=30)
+    with store.Lease(root, "run-new", ttl=600, settle=0.01):
+        lock = _lock(tmp_path)
+        assert lock["run_id"] == "run-new" and lock["ttl"] == 600 and lock["host"] == socket.gethostname()
+
+
+def test_a_shorter_ttl_of_the_newcomer_does_not_make_a_fresh_lease_stale(tmp_path):
+    root = str(tmp_path / "store")
+    _write_lock(tmp_path, run_id="run-x", host="elsewhere.invalid", pid=1, heartbeat=time.time() - 100, ttl=600)
+    with pytest.raises(store.StoreBusy, match="being written by run run-x"):
+        store.Lease(root, "run-new", ttl=5, settle=0.01).acquire()
+    assert _lock(tmp_path)["run_id"] == "run-x"
+
+
+def test_a_live_pid_on_this_host_is_never_taken(tmp_path, sleeper):
+    root = str(tmp_path / "store")
+    # no heartbeat for ages and a tiny ttl on both sides: the holder still lives here
+    _write_lock(tmp_path, run_id="run-x", host=socket.gethostname(), pid=sleeper.pid, heartbeat=0, ttl=0.01)
+    with pytest.raises(store.StoreBusy, match="being written by run run-x"):
+        store.Lease(root, "run-new", ttl=0.01, settle=0.01).acquire()
+    assert _lock(tmp_path)["run_id"] == "run-x"
+    with pytest.raises(store.StoreBusy):
+        store.remove_uncommitted(root, lease=store.Lease(root, "run-new", ttl=0.01))  # never acquired
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times need /proc")
+def test_a_reused_pid_on_this_host_does_not_pass_for_the_holder(tmp_path, sleeper):
+    root = str(tmp_path / "store")
+    # the holder's pid is alive, but as a process started at another time (a restarted container)
+    _write_lock(tmp_path, run_id="run-x", host=socket.gethostname(), pid=sleeper.pid, started="1",
+                heartbeat=time.time(), ttl=600)
+    with store.Lease(root, "run-new", settle=0.01):
+        assert _lock(tmp_path)["run_id"] == "run-new"
+
+
+def test_heartbeat_refreshes_the_lock_with_the_holders_ttl(tmp_path):
+    root = str(tmp_path / "store")
+    with store.Lease(root, "run-1", ttl=0.4, settle=0.01):
+        first = _lock(tmp_path)
+        assert first["ttl"] == 0.4 and first["pid"] == os.getpid()
+        deadline = time.time() + 5
+        while time.time() < deadline and _lock(tmp_path)["heartbeat"] <= first["heartbeat"]:
+            time.sleep(0.05)
+        later = _lock(tmp_path)
+        assert later["heartbeat"] > first["heartbeat"] and later["run_id"] == "run-1"
+
+
+def test_after_a_takeover_the_old_holder_neither_beats_nor_commits(tmp_path):
+    root = str(tmp_path / "store")
+    marker = store.RunMarker(run_id=store.new_run_id())
+    with store.RunWriter(root, marker, commit_every=1, lease_ttl=0.4) as w:
+        w.lease.settle = 0.01
+        part = store.write_part(root, "masks", marker.run_id, _masks(["a.jpg"], marker.run_id))
+        # the old holder was paused past its ttl; a run on another host took the store over
+        successor = dict(run_id="run-b", host="elsewhere.invalid", pid=1, heartbeat=time.time(), ttl=600)
+        _write_lock(tmp_path, **successor)
+        time.sleep(0.8)  # eight of the old holder's beats (every 0.1 s)
+        assert _lock(tmp_path) == successor, "the old holder's heartbeat overwrote its successor's lock"
+        assert w.lease.lost
+        with pytest.raises(store.StoreBusy, match="lease lost to run run-b"):
+            w.add(store.Part(**part), None, 1, 0)
+        with pytest.raises(store.StoreBusy, match="lease lost to run run-b"):
+            w.finish(["a.jpg"], [1, 1, 1, 1])
+    assert store.committed_runs(root) == []
+    assert _lock(tmp_path) == successor  # releasing does not remove the successor's lock
+
+
+def test_a_rerun_leaves_only_files_some_marker_lists(tmp_path):
+    root = str(tmp_path / "store")
+    # a crashed run: one committed part, uncommitted masks and errors, a stray temp file, its lock
+    crashed = _run(root, ["a.jpg"], commit=False, errors=["e.jpg"])
+    first = store.write_part(root, "masks", crashed, _masks(["b.jpg"], crashed))
+    store.commit(root, crashed, {"parts": {"masks": [first]}, "labeled": 1})
+    (tmp_path / "store" / "masks" / f"run={crashed}" / ".part-x.parquet.1234.tmp").write_bytes(b"torn")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path, run_id=crashed, host=socket.gethostname(), pid=dead.pid, heartbeat=time.time(), ttl=600)
+
+    marker = store.RunMarker(run_id=store.new_run_id())
+    with store.RunWriter(root, marker, commit_every=1) as w:
+        assert w.removed == 3
+        # a late write of the crashed run (one of its workers still flushing) after the cleanup
+        store.write_part(root, "masks", crashed, _masks(["late.jpg"], crashed))
+        part = store.write_part(root, "masks", marker.run_id, _masks(["a.jpg", "c.jpg"], marker.run_id))
+        assert w.add(store.Part(**part), None, 2, 0)
+        w.finish(["a.jpg", "c.jpg"], [2, 2, 2, 2])
+    listed = {p.file for m in store.committed_runs(root) for p in (*m.parts.masks, *m.parts.errors)}
+    files = {str(f.relative_to(tmp_path / "store")) for kind in ("masks", "errors")
+             for f in (tmp_path / "store" / kind).rglob("*") if f.is_file()}
+    assert files and files == listed
+    assert set(store.read_masks(root).column("image_id").to_pylist()) == {"a.jpg", "b.jpg", "c.jpg"}
 
 
 def test_unwritable_store_is_a_clear_error(tmp_path):

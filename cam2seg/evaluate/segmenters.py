@@ -30,7 +30,7 @@ from ..folds import FOLDS_FILE, load_folds
 from ..models.predict import load_predictor
 from ..postprocess import PAPER_SEGMENTER, CardPostProcess
 
-__all__ = ["oof_seg_stats", "store_pair_dice", "score_segmenters", "write_segmenter_scores", "evaluate_segmenters",
+__all__ = ["oof_seg_stats", "store_pair_dice", "store_row", "score_segmenters", "write_segmenter_scores", "evaluate_segmenters",
            "tuned_cam_row", "SegmenterScores", "STORE_ROW", "CARD_CAM_ROW"]
 
 _log = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ def oof_seg_stats(seg_url: str, archive: Archive, batch_size: int = 8, device=No
     return oof_map_stats(archive, folds, predictor, batch_size, f"segmenter {seg_url}")
 
 
-def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> np.ndarray:
-    """Dice ``float[N, C]`` of the store's masks against the true masks (areas ``true_area``
-    ``int[N, C]``) for every archive image; an image the store lacks counts as all-empty predictions."""
+def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Dice ``float[N, C]`` of the store's masks against the true masks (areas ``true_area``
+    ``int[N, C]``) for every archive image, ``held bool[N]``: the images the store has rows of).
+    Dice of images the store lacks is that of empty masks: score ``held`` images only
+    (:func:`store_row`)."""
     table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "height", "width"])
     t = table.to_pydict()
     pred = {(i, c): (e, h, w) for i, c, e, h, w in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
@@ -63,10 +65,23 @@ def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> 
             p = rle.decode(enc, h, w)
             truth = rle.decode(archive.rle(iid, cid), h, w) if true_area[i, k] else np.zeros((h, w), bool)
             inter[i, k], p_area[i, k] = int((p & truth).sum()), int(p.sum())
-    missing = sum(1 for iid in archive.image_ids if (iid, archive.class_ids[0]) not in pred)
-    if missing == n:
+    held = np.array([(iid, archive.class_ids[0]) in pred for iid in archive.image_ids])
+    if not held.any():
         raise ArchiveError(f"{store_url} holds no mask of any image of {archive.source}")
-    return metrics.dice_from_counts(inter, p_area, true_area)
+    return metrics.dice_from_counts(inter, p_area, true_area), held
+
+
+def store_row(store_url: str, archive: Archive, true_area: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(pair Dice, held, label) of the store's row; a store that lacks some archive images is
+    scored on the images it holds only, says so in its label and logs a warning (counting the
+    missing ones as empty masks would make the row look like the all-empty baseline)."""
+    dice, held = store_pair_dice(store_url, archive, true_area)
+    label = f"CAM pseudo-masks as stored ({store_url})"
+    if not held.all():
+        _log.warning(f"warning: {store_url} holds masks of {int(held.sum())} of the archive's {len(held)} images; "
+                     f"its row scores those {int(held.sum())} only ({int((~held).sum())} missing)")
+        label += f", {int(held.sum())} of {len(held)} images"
+    return dice, held, label
 
 
 def tuned_cam_row(card) -> dict | None:
@@ -132,8 +147,11 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
     image_area = None
     if store_url:
         _log.info(f"scoring the pseudo-masks in {store_url}")
-        pair[STORE_ROW] = store_pair_dice(store_url, archive, true_area)
-        labels[STORE_ROW] = f"CAM pseudo-masks as stored ({store_url})"
+        dice, held, labels[STORE_ROW] = store_row(store_url, archive, true_area)
+        if held.all():
+            pair[STORE_ROW] = dice
+        else:
+            extra.append((STORE_ROW, labels[STORE_ROW], metrics.score_dice(dice[held], true_area[held])))
         runs = store.committed_runs(store_url)
         marker_model = runs[-1].model if runs else None
         if marker_model:
@@ -157,7 +175,7 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
         cp = tuned.per_class_pp
         notes.append(f"{url}: tuned for the {objective} mean: threshold {cp.threshold}, min_seg_len "
                      f"{cp.min_seg_len}, confidence (map maximum) {cp.confidence}")
-    if not pair:
+    if not pair and not extra:
         raise ValueError("nothing to evaluate: give a label store and/or segmenter artifacts")
     if image_area is None:
         shape = archive.image_shape(archive.image_ids[0])

@@ -52,6 +52,7 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     out = io.absolute(out)
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
+    archive.check_images()  # a non-image or an escaping symlink fails here, before any training
     n, c = archive.labels.shape
     if n < 2 * cfg.folds:
         raise ValueError(f"{n} images are too few for {cfg.folds} folds")

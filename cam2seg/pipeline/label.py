@@ -36,22 +36,35 @@ __all__ = ["read_image", "label_images", "Labeler", "read_batch", "write_batch",
 _log = logging.getLogger(__name__)
 
 
-def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None) -> tuple[np.ndarray, tuple, str]:
-    """(``uint8[h, w]`` grey at the model's ``size``, original (H, W), error or "")."""
+def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None, *, prefix: str | None = None,
+               max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple, str]:
+    """(``uint8[h, w]`` grey at the model's ``size``, original (H, W), error or "").
+
+    Never raises for a bad file: every failure (unreadable, undecodable, over ``max_pixels``,
+    a local symlink resolving outside ``prefix``, a resize that fails) is the error string.
+    """
+    blank = np.zeros(size, np.uint8)
     try:
-        img = io.decode_image(io.read_bytes(url))
+        if prefix is not None and io.outside_prefix(url, prefix):
+            return blank, (0, 0), "resolves outside the image prefix (symlink); refused"
+        img = io.decode_image(io.read_bytes(url), max_pixels=max_pixels)
     except io.ImageDecodeError as e:
-        return np.zeros(size, np.uint8), (0, 0), str(e)
+        return blank, (0, 0), str(e)
     except FileNotFoundError:
-        return np.zeros(size, np.uint8), (0, 0), "file vanished after listing"
+        return blank, (0, 0), "file vanished after listing"
     except OSError as e:
-        return np.zeros(size, np.uint8), (0, 0), f"read failed: {e}"
+        return blank, (0, 0), f"read failed: {e}"
+    except Exception as e:  # noqa: BLE001 -- a bad file must never stop the job
+        return blank, (0, 0), f"read failed: {type(e).__name__}: {e}"
     shape = img.shape[:2]
     if expect is not None and tuple(shape) != tuple(expect):
-        return np.zeros(size, np.uint8), shape, f"unexpected size {shape[0]}x{shape[1]} (expected {expect[0]}x{expect[1]})"
+        return blank, shape, f"unexpected size {shape[0]}x{shape[1]} (expected {expect[0]}x{expect[1]})"
     if min(shape) < 2 or max(shape) > 32767:
-        return np.zeros(size, np.uint8), shape, f"unsupported size {shape[0]}x{shape[1]}"
-    return preprocess.prepare(img, size), shape, ""
+        return blank, shape, f"unsupported size {shape[0]}x{shape[1]}"
+    try:
+        return preprocess.prepare(img, size), shape, ""
+    except Exception as e:  # noqa: BLE001 -- e.g. cv2.error on an odd array
+        return blank, shape, f"preprocessing failed: {type(e).__name__}: {e}"
 
 
 def label_images(predictor: Predictor, images: np.ndarray, shapes) -> dict[str, list]:
@@ -85,12 +98,14 @@ def _expected_size(cfg: LabelConfig, card) -> tuple[int, int] | None:
     return parse_size(cfg.image_size)
 
 
-def read_batch(batch: dict, prefix: str, size: tuple[int, int], expect, threads: int) -> dict:
-    """Ray Data task: ``{"image_id"}`` -> images, original sizes and errors."""
+def read_batch(batch: dict, prefix: str, size: tuple[int, int], expect, threads: int,
+               max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> dict:
+    """Ray Data task: ``{"image_id"}`` -> images, original sizes and errors (bad files, images over
+    ``max_pixels`` and symlinks resolving outside ``prefix`` become error rows)."""
     ids = [str(i) for i in batch["image_id"]]
     urls = [io.join(prefix, i) for i in ids]
     with ThreadPoolExecutor(max(1, min(threads, len(ids)))) as pool:
-        res = list(pool.map(lambda u: read_image(u, size, expect), urls))
+        res = list(pool.map(lambda u: read_image(u, size, expect, prefix=prefix, max_pixels=max_pixels), urls))
     return {
         "image_id": np.array(ids, dtype=object), "uri": np.array(urls, dtype=object),
         "image": np.stack([r[0] for r in res]) if res else np.zeros((0, *size), np.uint8),
@@ -188,11 +203,11 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     skip images a committed run labeled with any model (the nightly run's rule). ``relabel``
     overrides both. Holds the store's lease for the whole run.
     """
-    from ..artifact import load_card
-
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
-    card = load_card(model_url)  # a missing or broken model fails here, before anything else
+    # The whole artifact is checked here, on the driver (card, every weight file's hash, the
+    # network it describes): a broken model fails before anything is listed, not inside actors.
+    card = load_predictor(model_url, "cpu").card
     keys = io.list_images(images)
     if not keys:
         raise FileNotFoundError(f"no images under {images} (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
@@ -251,7 +266,7 @@ def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str,
         # into the actors), so downloads overlap the CAMs
         .map_batches(read_batch, batch_size=cfg.read_batch, num_cpus=cfg.read_cpus,
                      fn_kwargs={"prefix": images, "size": tuple(card.input_size), "expect": _expected_size(cfg, card),
-                                "threads": cfg.read_threads})
+                                "threads": cfg.read_threads, "max_pixels": cfg.max_pixels})
         .map_batches(Labeler, batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=actors),
                      fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,

@@ -314,10 +314,15 @@ def export_coco(store_url: str, out_url: str, *, fmt: str = "polygon", order: st
     """Write a label store's committed pseudo-masks as a COCO JSON file at ``out_url`` (any
     fsspec URL). Returns ``{"images": n, "annotations": m, "out": out_url}``.
 
-    Raises :class:`cam2seg.store.StoreError` when the store has no committed masks, and
-    ValueError for bad options (checked before the store is read).
+    Raises :class:`cam2seg.store.StoreError` when the store has no committed masks,
+    ValueError for bad options and NotADirectoryError for an ``out_url`` below a file (both
+    checked before the store is read).
     """
     _check_options(fmt, order, limit)
+    try:
+        io.check_writable_parent(out_url)  # before the store is read: e.g. --out somefile.txt/out.json
+    except IsADirectoryError as e:
+        raise ValueError(str(e)) from None
     table = store.read_masks(store_url)
     if table.num_rows == 0:
         raise store.StoreError(f"{store_url}: no committed masks to export (is this a label store, and has a "

@@ -33,7 +33,7 @@ from ..artifact import ArtifactError, load_card
 from ..folds import FOLDS_FILE, load_folds
 from ..models.predict import pick_device
 from ..evaluate.rows import Table, card_rows, scored_rows
-from ..evaluate.segmenters import CARD_CAM_ROW, STORE_ROW, store_pair_dice, tuned_cam_row
+from ..evaluate.segmenters import CARD_CAM_ROW, STORE_ROW, store_row, tuned_cam_row
 
 __all__ = ["build_report", "compose_report", "write_report", "pick_examples", "Report", "ReportSummary", "REPORT_FILE"]
 
@@ -168,12 +168,19 @@ def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict
     """Rows of Table 3 (name -> DiceScores or card dict) and the stored masks' pair Dice."""
     true_area = archive.true_areas()
     shape = archive.image_shape(archive.image_ids[0])
-    pair, store_dice = {}, None
+    pair, store_dice, store_label, partial = {}, None, "", None
     if store_url:
-        store_dice = store_pair_dice(store_url, archive, true_area)
-        pair[STORE_ROW] = store_dice
-    computed = scored_rows(pair, {STORE_ROW: "CAM pseudo-masks as stored"}, true_area, shape[0] * shape[1])
-    rows: dict = {k: {"label": computed.label(k), **card_rows(computed)[k]} for k in computed}
+        store_dice, held, store_label = store_row(store_url, archive, true_area)
+        if held.all():
+            pair[STORE_ROW] = store_dice
+        else:
+            partial = Table({STORE_ROW: metrics.score_dice(store_dice[held], true_area[held])},
+                            {STORE_ROW: store_label})
+    computed = scored_rows(pair, {STORE_ROW: store_label}, true_area, shape[0] * shape[1])
+    if partial is not None:
+        computed.update(partial)
+        computed.labels.update(partial.labels)
+    rows: dict = {k: card_rows(computed)[k] for k in computed}
     cam_row = tuned_cam_row(model_card) if model_card is not None else None
     if cam_row is not None:
         rows[CARD_CAM_ROW] = {**cam_row, "label": "CAM masks out of fold, tuned per class (classifier card)"}

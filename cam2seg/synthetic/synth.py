@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from .. import io, rle
 
@@ -282,15 +284,41 @@ def _make_chunk(args) -> list:
     return out
 
 
+def _prepare_target(fs, root: str, out: str, force: bool) -> None:
+    """Refuse a non-empty ``out`` (``force`` False) or empty it (True); see :func:`write_archive`."""
+    root = root.rstrip("/") or "/"
+    if not fs.exists(root):
+        return
+    if fs.isfile(root):
+        raise NotADirectoryError(f"{out} is a file, not a folder")
+    entries = fs.ls(root, detail=False)
+    if not entries:
+        return
+    if not force:
+        raise FileExistsError(f"{out} is not empty ({len(entries)} entries); pass --force to empty it first, "
+                              "or choose a new folder")
+    local = os.path.realpath(root) if isinstance(fs, LocalFileSystem) else None
+    if local is not None and local in ("/", os.path.realpath(os.path.expanduser("~")), os.path.realpath(os.getcwd())):
+        raise ValueError(f"refusing to empty {out} (the filesystem root, home or current folder)")
+    for entry in entries:
+        fs.rm(entry, recursive=True)
+
+
 def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int = REF_W, seed: int = 0,
                   clean_fraction: float = 0.45, workers: int = 1, progress=sys.stderr,
-                  mix: str = "severstal") -> dict:
+                  mix: str = "severstal", force: bool | None = None) -> dict:
     """Write a synthetic archive in the Severstal layout and return a summary.
 
     ``<out>/train_images/*.jpg``, ``<out>/train.csv`` (masks as Kaggle RLE),
     ``<out>/labels.csv`` (the same labels without masks: ImageId + one 0/1 column per class,
     clean images included) and ``<out>/synth.json`` (the parameters). The CSVs are written
     last, so an interrupted run never leaves an archive that claims images it lacks.
+
+    ``force``: what to do when ``out`` exists and is not empty. False: refuse (FileExistsError;
+    writing a smaller archive over a bigger one would leave old images that the new train.csv
+    does not list, so they would read as clean). True: empty it first. None (the default, for
+    callers that manage the folder themselves): write into it as it is. ``cam2seg synth``
+    passes False unless ``--force``.
     """
     if images < 1:
         raise ValueError(f"--images must be at least 1, got {images}")
@@ -304,6 +332,8 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
     chunk = 64
     tasks = [(seed, i, min(i + chunk, images), height, width, clean_fraction, mix) for i in range(0, images, chunk)]
     fs, root = io.filesystem(out)
+    if force is not None:
+        _prepare_target(fs, root, out, force)
     fs.makedirs(f"{root}/train_images", exist_ok=True)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     results = pool.map(_make_chunk, tasks) if pool else map(_make_chunk, tasks)
