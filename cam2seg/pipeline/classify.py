@@ -12,7 +12,6 @@ import logging
 import hashlib
 import io as _io
 import json
-import sys
 import time
 
 import numpy as np

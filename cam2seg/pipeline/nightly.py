@@ -13,7 +13,6 @@ segmenter's card (:func:`new_labels`), so it needs no state of its own either.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 

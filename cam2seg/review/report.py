@@ -19,7 +19,6 @@ up here, never taken from image ids.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
