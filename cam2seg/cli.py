@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from . import __version__, logs
+from . import __version__, io, logs
 
 __all__ = ["main", "build_parser", "config_flags", "effective_config"]
 
@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cam2seg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        network = io.unreachable(e)
+        if network is None:
+            raise
+        print(f"cam2seg {args.command}: error: {network}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

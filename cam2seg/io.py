@@ -4,6 +4,9 @@
 and credentials come from the environment the way boto does it (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, profiles, instance roles) or from fsspec's
 own configuration (``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec``); nothing is hard-coded.
+
+Object-store calls have bounded waits (:data:`S3_TIMEOUTS`): an endpoint that refuses or never
+answers ends the command with an error instead of hanging it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "filesystem",
+    "S3_TIMEOUTS",
+    "ObjectStoreUnreachable",
+    "unreachable",
     "join",
     "check_key",
     "list_images",
@@ -45,6 +51,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
+#: Connect and read timeouts in seconds for S3, overridable by ``CAM2SEG_S3_CONNECT_TIMEOUT`` /
+#: ``CAM2SEG_S3_READ_TIMEOUT``. s3fs's own defaults (5 s / 15 s, 5 botocore attempts, 5 s3fs
+#: retries around those) let a silent endpoint hold a command for over six minutes with no
+#: output. Here a call makes at most ``AWS_MAX_ATTEMPTS`` (default 2, botocore's standard retry
+#: mode) attempts, inside :data:`S3FS_RETRIES` s3fs retries: a silent endpoint fails in about
+#: 2 x 2 x 20 s plus backoff.
+S3_TIMEOUTS = {"connect_timeout": 5.0, "read_timeout": 20.0}
+S3_ATTEMPTS = 2
+#: s3fs's retry loop also covers failures botocore does not retry (a body cut off mid-read).
+S3FS_RETRIES = 2
+
+
+class ObjectStoreUnreachable(OSError):
+    """An object store that refused, timed out or dropped the connection; the message names it."""
+
+
 class ImageDecodeError(ValueError):
     """An image file that cannot become a uint8 array; the message is the reason."""
 
@@ -57,10 +79,53 @@ def filesystem(url: str, fresh: bool = False, **storage_options) -> tuple[fsspec
     commits other processes wrote since its last listing (and could take committed parts for
     leftovers). Every listing that decides what to do asks for a fresh one.
     """
+    protocol = fsspec.core.split_protocol(str(url))[0]
+    if protocol in ("s3", "s3a"):
+        storage_options = _s3_options(storage_options)
     fs, path = fsspec.core.url_to_fs(str(url), **storage_options)
+    if protocol in ("s3", "s3a"):
+        # A class attribute in s3fs, not an __init__ argument; the instance is cached per process.
+        fs.retries = min(fs.retries, S3FS_RETRIES)
     if fresh:
         fs.invalidate_cache(path)
     return fs, path
+
+
+def _s3_options(storage_options: dict) -> dict:
+    """``storage_options`` with cam2seg's timeouts added where neither the caller nor fsspec's
+    configuration (``FSSPEC_S3`` or ``~/.config/fsspec``) set them."""
+    configured = dict(fsspec.config.conf.get("s3", {}))
+    config_kwargs = {**configured.get("config_kwargs", {}), **storage_options.get("config_kwargs", {})}
+    for key, default in S3_TIMEOUTS.items():
+        env = os.environ.get("CAM2SEG_S3_" + key.upper())
+        if key not in config_kwargs:
+            config_kwargs[key] = _seconds("CAM2SEG_S3_" + key.upper(), env) if env else default
+    if "retries" not in config_kwargs and "AWS_MAX_ATTEMPTS" not in os.environ:
+        config_kwargs["retries"] = {"max_attempts": S3_ATTEMPTS, "mode": "standard"}
+    return {**storage_options, "config_kwargs": config_kwargs}
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"{name}={value!r}: expected seconds, a number in (0, 3600]")
+    return seconds
+
+
+def unreachable(error: BaseException) -> ObjectStoreUnreachable | None:
+    """The error as an :class:`ObjectStoreUnreachable` if it is a connection failure or timeout
+    from botocore, else None (so callers can turn network faults into one clear line)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    except ImportError:
+        return None
+    if isinstance(error, (BotoConnectionError, HTTPClientError)):
+        return ObjectStoreUnreachable(f"object store unreachable: {error} (timeouts: CAM2SEG_S3_CONNECT_TIMEOUT, "
+                                      "CAM2SEG_S3_READ_TIMEOUT, AWS_MAX_ATTEMPTS)")
+    return None
 
 
 def absolute(url: str) -> str:

@@ -27,6 +27,9 @@ Security of the local Ray a command starts (none is found, no RAY_ADDRESS):
   ``~/.ray/auth_token`` when there is none). ``RAY_AUTH_MODE=disabled`` (or any other mode) is
   refused with :class:`UnauthenticatedRayError` unless ``CAM2SEG_ALLOW_UNAUTHENTICATED_RAY=1``.
 
+* it does not outlive the command: :mod:`cam2seg.reaper` kills what is left of it when the
+  driver ends in any way (Ray's agents otherwise stay a minute after a SIGKILL).
+
 A cluster cam2seg joins (RAY_ADDRESS, or a head ``ray start`` left for ``ray.init()`` to find)
 is its operator's: nothing is checked or changed there.
 """
@@ -97,6 +100,9 @@ def ensure_ray() -> None:
     _quiet_ray_data(file_handler)
     _worker_pool_warning_to_file()
     if local:
+        from . import reaper
+
+        reaper.watch()
         node_ip = (getattr(ctx, "address_info", None) or {}).get("node_ip_address")
         ray_logger.info("cam2seg: local Ray on node IP %s, %s=%s", node_ip, AUTH_MODE_ENV,
                         os.environ.get(AUTH_MODE_ENV))

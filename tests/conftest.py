@@ -52,6 +52,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(cond, timeout: float, what: str) -> None:
+    """Poll ``cond()`` every 0.5 s until true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def registered_checkpoints(train_root, fold: int) -> list[str]:
+    """Checkpoint folder names Ray Train's controller recorded for ``fold`` under a ``_train``
+    folder (only recorded ones survive a restart); [] before the first."""
+    import json
+    from pathlib import Path
+
+    snaps = sorted(Path(train_root).glob(f"*/runs/fold-{fold}/checkpoint_manager_snapshot.json"))
+    if not snaps:
+        return []
+    try:
+        return [r["checkpoint_dir_name"] for r in json.loads(snaps[0].read_text())["checkpoint_results"]]
+    except (ValueError, KeyError):
+        return []
+
+
 def s3_env(endpoint: str) -> dict:
     """The standard variables boto/s3fs read, for the moto server at ``endpoint``."""
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -101,3 +101,32 @@ def test_guided_gradcam_on_a_silu_model():
     live = cams.amax(dim=(-2, -1)) > 0
     tv = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean(dim=(-2, -1))  # noqa: E731
     assert (tv(guided)[live] > tv(cams)[live]).all()
+
+
+@pytest.mark.parametrize("gate", [torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.Hardswish, torch.nn.GELU,
+                                  torch.nn.LeakyReLU])
+def test_guided_gate_is_its_own_derivative_clamped_at_zero(gate):
+    """On Linear -> gate -> Linear, the guided input gradient of logit k is
+    ``max(0, act'(h) * W2[k]) @ W1`` with ``act'`` from autograd on the gate alone."""
+    from cam2seg.cam import guided_backprop, guided_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), gate(), torch.nn.Linear(16, 3)).eval()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)) * 3  # reaches every gate's regimes
+    ours = guided_backprop(guided_model(net), x)  # [B, C, 5]
+    assert ours.shape == (4, 3, 5)
+    w1, w2 = net[0].weight.detach(), net[2].weight.detach()
+    h = net[0](x).detach().requires_grad_(True)
+    (d_act,) = torch.autograd.grad(gate()(h).sum(), h)  # elementwise act'(h), [B, 16]
+    clamped_somewhere = False
+    for k in range(3):
+        upstream = d_act * w2[k]
+        ref = upstream.clamp(min=0) @ w1
+        assert torch.allclose(ours[:, k], ref, atol=1e-6, rtol=1e-5), (gate.__name__, k)
+        clamped_somewhere |= bool((upstream < 0).any())
+        # and unlike the plain gradient wherever a negative part was dropped
+        xg = x.clone().requires_grad_(True)
+        (plain,) = torch.autograd.grad(net(xg)[:, k].sum(), xg)
+        assert torch.allclose(plain, upstream @ w1, atol=1e-6, rtol=1e-5)
+    assert clamped_somewhere
+    assert not torch.allclose(ours[:, 0], (d_act * w2[0]) @ w1)

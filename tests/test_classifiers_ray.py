@@ -2,10 +2,10 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +18,8 @@ from cam2seg.synthetic import synth
 from cam2seg.archive import Archive
 from cam2seg.models.classifier import load_fold_models
 from cam2seg.pipeline.classify import run_key, train_classifiers
+
+from conftest import registered_checkpoints, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -98,15 +100,6 @@ def _descendants(pid):
         return []
 
 
-def _wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_worker_resumes_and_killed_command_continues(tmp_path):
     """Kill a training worker by pid: its fold resumes from its checkpoint. Then kill the whole
     command (its process group, by id) and re-run it: it continues instead of starting over."""
@@ -127,23 +120,16 @@ def test_killed_worker_resumes_and_killed_command_continues(tmp_path):
         runs = out / "_train"
 
         def registered(fold):
-            """Checkpoints the fold's Train controller has recorded (only those survive a restart)."""
-            snaps = list(runs.glob(f"*/runs/fold-{fold}/checkpoint_manager_snapshot.json")) if runs.exists() else []
-            if not snaps:
-                return []
-            try:
-                return [r["checkpoint_dir_name"] for r in json.loads(snaps[0].read_text())["checkpoint_results"]]
-            except (ValueError, KeyError):
-                return []
+            return registered_checkpoints(runs, fold)
 
-        _wait_for(lambda: registered(0), 240, "a registered checkpoint of fold 0")
+        wait_for(lambda: registered(0), 240, "a registered checkpoint of fold 0")
         ckpt_dir = next(runs.glob(f"*/runs/fold-0/{registered(0)[-1]}"))
         victim = psutil.Process(json.loads((ckpt_dir / "state.json").read_text())["pid"])
         assert "RayTrainWorker" in " ".join(victim.cmdline())
         before = set(registered(0))  # Ray Train keeps 2: a new name, not a higher count, is a new checkpoint
         victim.kill()
-        _wait_for(lambda: "resuming at epoch" in (tmp_path / "run1.log").read_text(), 240, "fold 0 to resume")
-        _wait_for(lambda: set(registered(0)) - before, 240, "fold 0 to checkpoint again")
+        wait_for(lambda: "resuming at epoch" in (tmp_path / "run1.log").read_text(), 240, "fold 0 to resume")
+        wait_for(lambda: set(registered(0)) - before, 240, "fold 0 to checkpoint again")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -159,11 +145,18 @@ def test_killed_worker_resumes_and_killed_command_continues(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420, start_new_session=True)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-3000:]
-    assert "resuming at epoch" in text or "finished in an earlier run" in text, text[-3000:]
+    # Fold 0 had checkpointed past its first epoch: the second run continues it (or reuses it
+    # if it had finished), and never trains its first epoch again.
+    resumed = re.search(r"\[fold 0\] resuming at epoch (\d+)/10", text)
+    assert (resumed and int(resumed.group(1)) > 1) or "fold 0: finished in an earlier run" in text, text[-3000:]
+    assert "[fold 0] epoch 1/10 " not in text, text[-3000:]
     assert (out / "model.json").exists()
     card, models = load_fold_models(str(out))
     assert len(models) == 2
-    # The killed worker's fold resumed inside the first run, and its history says so.
+    # Its history has the resume inside the first run (the worker kill) and, when the second run
+    # continued it, a second one at a later epoch.
     final = next(out.glob("_train/*/done/fold-0/final.json"))
-    events = [r for r in json.loads(final.read_text())["history"] if r.get("event") == "resumed"]
-    assert events, "fold 0 never resumed from a checkpoint"
+    events = [r["epoch"] for r in json.loads(final.read_text())["history"] if r.get("event") == "resumed"]
+    assert events and events[0] > 0, f"fold 0 never resumed from a checkpoint: {events}"
+    if resumed:
+        assert len(events) >= 2 and events[-1] == int(resumed.group(1)) - 1, events

@@ -272,3 +272,46 @@ def test_export_from_and_to_s3(s3, tmp_path):
     local.write_bytes(io.read_bytes("s3://review/batch-1/coco.json"))
     doc = _check_loaded(str(local), masks, "rle")
     assert [i["file_name"] for i in doc["images"]] == EXPECTED_ORDER[:3]
+
+
+def test_export_coco_command_and_its_flags(tmp_path, capsys):
+    """``cam2seg export-coco`` end to end on a real store: defaults, each flag, a config file
+    under the flags, and errors as exit 2 with one line and no file."""
+    from cam2seg import cli
+
+    root = str(tmp_path / "store")
+    masks = _write_store(root)
+    out = tmp_path / "review" / "default.json"
+    assert cli.main(["export-coco", "--store", root, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote 4 images and 5 polygon annotations to {out}" in said and "lowest-confidence first" in said
+    doc = _check_loaded(str(out), masks, "polygon")
+    assert [i["file_name"] for i in doc["images"]] == EXPECTED_ORDER
+
+    flagged = tmp_path / "review" / "flags.json"
+    assert cli.main(["export-coco", "--store", root, "--out", str(flagged), "--format", "rle", "--order", "id",
+                     "--limit", "2"]) == 0
+    assert "wrote 2 images and" in capsys.readouterr().out
+    doc = _check_loaded(str(flagged), masks, "rle")
+    assert [i["file_name"] for i in doc["images"]] == sorted(PLAN)[:2]
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("export:\n  format: rle\n  limit: 1\n")
+    both = tmp_path / "review" / "both.json"
+    assert cli.main(["export-coco", "--store", root, "--out", str(both), "--config", str(cfg), "--limit", "3"]) == 0
+    doc = _check_loaded(str(both), masks, "rle")  # rle from the file, limit from the flag
+    assert [i["file_name"] for i in doc["images"]] == EXPECTED_ORDER[:3]
+    capsys.readouterr()
+
+    bad = tmp_path / "review" / "bad.json"
+    for argv, message in ((["--format", "png"], "invalid choice: 'png'"), (["--limit", "-1"], "export.limit")):
+        try:
+            rc = cli.main(["export-coco", "--store", root, "--out", str(bad), *argv])
+        except SystemExit as e:  # argparse's own refusal of a choice
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
+    assert cli.main(["export-coco", "--store", str(tmp_path / "nothing"), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cam2seg export-coco: error:") and "nothing" in err[0], err
+    assert not bad.exists()

@@ -161,6 +161,38 @@ def test_report_renders_in_headless_chromium(demo, tmp_path):
     assert m.group(1) == f"loaded {n} of {n}", m.group(1)
 
 
+def _html_rows(text: str, section_id: str) -> list[list[str]]:
+    """The data cells of each row of the first table after ``<h2 id=section_id>``."""
+    start = text.index(f'<h2 id="{section_id}">')
+    table = text[start:text.index("</table>", start)]
+    rows = [re.findall(r"<td>(.*?)</td>", tr, re.S) for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)]
+    return [r for r in rows if r]
+
+
+def test_report_numbers_are_the_cards_numbers(demo):
+    """One ROC-AUC and one Table 3 value in the HTML equal what the model cards hold."""
+    import html as html_mod
+
+    text = (Path(demo["p"]["report"]) / "index.html").read_text()
+    card = load_card(demo["p"]["classifier"])
+    auc_row = _html_rows(text, "auc")[0]
+    assert html_mod.unescape(auc_row[0]).endswith(f"out of fold ({card.folds} folds)")
+    for c, cell in zip(card.class_ids, auc_row[1:5]):
+        assert float(cell) == pytest.approx(card.metrics["oof_auc"][str(c)], abs=5e-4), (c, cell)
+    assert float(auc_row[5]) == pytest.approx(card.metrics["oof_auc_mean"], abs=5e-4)
+
+    seg = load_card(demo["p"]["segmenter"])
+    by_label = {html_mod.unescape(r[0]): r for r in _html_rows(text, "table3")}
+    row_id, want = next(iter(seg.metrics["seg_oof"].items()))
+    got = by_label[want["label"]]  # the card's row, under the card's label
+    assert float(got[1]) == pytest.approx(want["kaggle_mean"], abs=5e-4), row_id
+    assert float(got[2]) == pytest.approx(want["positive_mean"], abs=5e-4), row_id
+    # per class: Kaggle, positive for class 1 (a dash where the card holds no finite value)
+    k1, p1 = want["kaggle"][0], want["positive"][0]
+    assert got[3] == f"{k1:.3f}", (got, want)
+    assert got[4] == ("–" if p1 is None or p1 != p1 else f"{p1:.3f}"), (got, want)
+
+
 def test_report_without_true_masks_shows_scores_and_pictures_only(demo, tmp_path):
     p = demo["p"]
     out = tmp_path / "rep"

@@ -106,10 +106,11 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _run_job(tmp_path: Path, ray_tmp: str, **extra: str) -> dict:
+def _run_job(tmp_path: Path, ray_tmp: str, kill: bool = False, **extra: str) -> dict:
     """Run JOB until its actor answered, read its process tree's listening sockets for a few
-    seconds (agents bind late), stop it. Returns the sockets, the tree's processes' RAY_AUTH_MODE
-    by name, and what the job saw as RAY_AUTH_MODE."""
+    seconds (agents bind late), stop it (``kill``: SIGKILL the driver alone). Returns the sockets,
+    the tree's processes' RAY_AUTH_MODE by name, what the job saw as RAY_AUTH_MODE, and
+    ``left``: the tree's processes still running 20 s after the end."""
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     env = _env(tmp_path, RAY_TMPDIR=ray_tmp, **extra)
     proc = subprocess.Popen([sys.executable, "-c", JOB, str(ready), str(stop)], env=env, stdout=subprocess.PIPE,
@@ -134,14 +135,23 @@ def _run_job(tmp_path: Path, ray_tmp: str, **extra: str) -> dict:
                 except psutil.Error:
                     pass
             time.sleep(0.5)
-        stop.write_text("")
+        if kill:
+            proc.kill()
+        else:
+            stop.write_text("")
         try:
             out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             out = ""
+        deadline = time.monotonic() + 20
+        left = [p for p in seen.values() if p.is_running()]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = [p for p in left if p.is_running()]
         print(f"listening ({extra or 'default'}):", *sorted(sockets), sep="\n  ")
         return {"sockets": sockets, "auth_modes": auth_modes, "job_auth_mode": ready.read_text(),
-                "rc": proc.returncode, "out": out}
+                "rc": proc.returncode, "out": out, "seen": seen,
+                "left": [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in left if p.is_running()]}
     finally:
         stop_process(proc, 20, group=True)
         for p in seen.values():  # what left the process group (Ray's own start_new_session), by pid
@@ -155,6 +165,7 @@ def _run_job(tmp_path: Path, ray_tmp: str, **extra: str) -> dict:
 def test_default_local_ray_listens_on_loopback_only_with_token_auth(tmp_path, ray_tmp):
     run = _run_job(tmp_path, ray_tmp)
     assert run["rc"] == 0, run["out"][-4000:]
+    assert not run["left"], f"outlived the command: {run['left']}"
     names = {name for name, _, _ in run["sockets"]}
     assert "gcs_server" in names and "raylet" in names, run["sockets"]  # the check is not vacuous
     open_ = sorted(s for s in run["sockets"] if not _is_loopback(s[1]))
@@ -187,9 +198,13 @@ def test_auth_disabled_is_refused_before_ray_starts(tmp_path, ray_tmp):
     assert not (tmp_path / "home" / ".ray").exists()
 
 
-def test_auth_disabled_with_opt_in_runs_on_loopback(tmp_path, ray_tmp):
-    run = _run_job(tmp_path, ray_tmp, RAY_AUTH_MODE="disabled", CAM2SEG_ALLOW_UNAUTHENTICATED_RAY="1")
-    assert run["rc"] == 0, run["out"][-4000:]
+def test_auth_disabled_with_opt_in_runs_on_loopback_and_leaves_nothing_after_sigkill(tmp_path, ray_tmp):
+    """Also issue 16 item 9: after SIGKILL of the driver alone, no process it started is left
+    (Ray's dashboard and runtime-env agents used to stay a minute)."""
+    run = _run_job(tmp_path, ray_tmp, kill=True, RAY_AUTH_MODE="disabled", CAM2SEG_ALLOW_UNAUTHENTICATED_RAY="1")
+    assert run["rc"] == -signal.SIGKILL, run["out"][-4000:]
+    assert len(run["seen"]) >= 6, sorted(run["seen"])  # the tree was seen: gcs, raylet, agents, worker, watcher
+    assert not run["left"], f"outlived the driver: {run['left']}"
     assert run["job_auth_mode"] == "disabled"
     assert "gcs_server" in {name for name, _, _ in run["sockets"]}, run["sockets"]
     open_ = sorted(s for s in run["sockets"] if not _is_loopback(s[1]))

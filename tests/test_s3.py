@@ -68,3 +68,67 @@ def test_listings_see_what_other_processes_wrote_since(s3):
     assert io.list_images("s3://fresh/images") == ["a.jpg", "b.jpg"]
     assert [m.run_id for m in store.committed_runs("s3://fresh/labels")] == ["run-1", "run-2"]
     assert io.exists("s3://fresh/labels/masks/run=run-2/part-0.parquet")
+
+
+def _cli(args, env, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cam2seg.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def dead_endpoints():
+    """Two endpoints on 127.0.0.1: one refuses connections (nothing listens), one accepts them into
+    its backlog and never answers. Both sockets are closed afterwards."""
+    import socket
+
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    refusing_port = refusing.getsockname()[1]
+    refusing.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        yield {"refusing": f"http://127.0.0.1:{refusing_port}", "silent": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    finally:
+        silent.close()
+
+
+def test_default_s3_timeouts_are_bounded(monkeypatch):
+    for var in ("CAM2SEG_S3_CONNECT_TIMEOUT", "CAM2SEG_S3_READ_TIMEOUT", "AWS_MAX_ATTEMPTS", "FSSPEC_S3"):
+        monkeypatch.delenv(var, raising=False)
+    fs, _ = io.filesystem("s3://bucket/x")
+    assert fs.config_kwargs["connect_timeout"] == io.S3_TIMEOUTS["connect_timeout"]
+    assert fs.config_kwargs["read_timeout"] == io.S3_TIMEOUTS["read_timeout"]
+    assert fs.config_kwargs["retries"] == {"max_attempts": io.S3_ATTEMPTS, "mode": "standard"}
+    assert fs.retries == io.S3FS_RETRIES
+    # What the caller passes wins; the environment tunes the defaults; nonsense is refused.
+    fs, _ = io.filesystem("s3://bucket/x", config_kwargs={"read_timeout": 3})
+    assert fs.config_kwargs["read_timeout"] == 3
+    monkeypatch.setenv("CAM2SEG_S3_READ_TIMEOUT", "7")
+    assert io.filesystem("s3://bucket/y")[0].config_kwargs["read_timeout"] == 7.0
+    monkeypatch.setenv("CAM2SEG_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="CAM2SEG_S3_READ_TIMEOUT='soon'"):
+        io.filesystem("s3://bucket/z")
+
+
+@pytest.mark.parametrize("kind", ["refusing", "silent"])
+def test_unreachable_endpoint_is_one_line_and_exit_2(kind, dead_endpoints, tmp_path):
+    import os
+
+    from conftest import s3_env
+
+    env = {**os.environ, **s3_env(dead_endpoints[kind]),
+           "CAM2SEG_S3_CONNECT_TIMEOUT": "1", "CAM2SEG_S3_READ_TIMEOUT": "1", "AWS_MAX_ATTEMPTS": "1"}
+    env.pop("FSSPEC_S3", None)
+    proc = _cli(["stats", "s3://bucket/archive"], env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    want = "Could not connect to the endpoint URL" if kind == "refusing" else "Read timeout on endpoint URL"
+    assert lines[0].startswith("cam2seg stats: error: object store unreachable: " + want), lines[0]
+    assert dead_endpoints[kind] in lines[0] and "CAM2SEG_S3_READ_TIMEOUT" in lines[0]
+    assert "testing" not in proc.stderr + proc.stdout  # the credentials are not echoed

@@ -2,6 +2,7 @@
 and labeling with the segmenter through the same job and store."""
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -132,3 +133,42 @@ def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
         assert r["encoded_pixels"] == enc and r["area"] == area
     assert json.loads(io.read_bytes(io.join(trained["seg"], "model.json")))["kind"] == "segmenter"
 
+
+
+def test_killed_segmenter_worker_resumes_its_fold(trained, tmp_path, log_lines):
+    """Kill fold 0's training worker (by pid) once it has a recorded checkpoint: the fold
+    resumes from that checkpoint, does not train its first epoch again, and its history says
+    so. (The classifier's test also kills and re-runs the whole command; both go through
+    ``cam2seg.train.loop.TrainState.resume``.)"""
+    import threading
+
+    import psutil
+
+    from conftest import registered_checkpoints, wait_for
+
+    out = tmp_path / "seg"
+    runs = out / "_train"
+    killed = {}
+
+    def kill_fold0_worker():
+        wait_for(lambda: registered_checkpoints(runs, 0), 180, "a recorded checkpoint of fold 0")
+        ckpt = next(runs.glob(f"*/runs/fold-0/{registered_checkpoints(runs, 0)[-1]}"))
+        victim = psutil.Process(json.loads((ckpt / "state.json").read_text())["pid"])
+        killed["cmdline"] = " ".join(victim.cmdline())
+        victim.kill()
+
+    cfg = SegmenterConfig(**{**CFG, "epochs": 4, "keep_checkpoints": True})
+    killer = threading.Thread(target=kill_fold0_worker, daemon=True)
+    with log_lines() as logs:
+        killer.start()
+        card = train_segmenter(str(trained["archive"].root), trained["store"], str(out), cfg)
+    killer.join(5)
+    assert "RayTrainWorker" in killed.get("cmdline", ""), killed
+    text = "\n".join(logs)
+    resumed = re.search(r"\[segmenter fold 0\] resuming at epoch (\d+)/4", text)
+    assert resumed and int(resumed.group(1)) > 1, text[-3000:]
+    assert text.count("[segmenter fold 0] epoch 1/4 ") == 1, text[-3000:]  # before the kill only
+    assert card.kind == "segmenter" and card.folds == 2
+    final = next(out.glob("_train/*/done/fold-0/final.json"))
+    events = [e["epoch"] for e in json.loads(final.read_text())["history"] if e.get("event") == "resumed"]
+    assert events == [int(resumed.group(1)) - 1], events
