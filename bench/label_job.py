@@ -1,4 +1,5 @@
-"""Labeling job throughput: the Ray Data job vs the in-process engine, and 1 -> 2 actors.
+"""Labeling job throughput: the Ray Data job vs the in-process engine, 1 -> 2 actors, and the
+cost of refining the maps (contrast + PAR, the default of new cards) against none.
 
     .venv/bin/python bench/label_job.py [--images 96] [--size 128x800] [--encoder mobilenetv3_small_100]
                                         [--model-size 128x800] [--no-aug] [--device-note TEXT]
@@ -41,6 +42,7 @@ def main():
     from cam2seg.models.predict import load_predictor
     from cam2seg.config import LabelConfig, parse_size
     from cam2seg.pipeline.label import label_archive, label_images
+    from cam2seg.refine import DEFAULT_REFINE
     from conftest import write_random_artifact
 
     h, w = parse_size(args.size)
@@ -57,19 +59,24 @@ def main():
         keys = io.list_images(images)
         label_images(predictor, preprocess.load_images([f"{images}/{keys[0]}"], tuple(card.input_size)),
                      [(h, w)])  # warm-up
-        t0 = time.perf_counter()
-        for s in range(0, len(keys), args.batch):
-            batch = keys[s : s + args.batch]
-            imgs = preprocess.load_images([f"{images}/{k}" for k in batch], tuple(card.input_size), threads=1)
-            label_images(predictor, imgs, [(h, w)] * len(batch))
-        inproc = len(keys) / (time.perf_counter() - t0)
+        def in_process(p) -> float:
+            t0 = time.perf_counter()
+            for s in range(0, len(keys), args.batch):
+                batch = keys[s : s + args.batch]
+                imgs = preprocess.load_images([f"{images}/{k}" for k in batch], tuple(card.input_size), threads=1)
+                label_images(p, imgs, [(h, w)] * len(batch))
+            return len(keys) / (time.perf_counter() - t0)
+
+        inproc = in_process(predictor)
+        inproc_refined = in_process(load_predictor(f"{work}/model", "cpu", aug_smooth=aug, refine=DEFAULT_REFINE))
 
         rates = {}
-        for actors in (1, 2):
-            ray.init(num_cpus=actors + 1, include_dashboard=False, logging_level="ERROR")
+        for actors, refine in ((1, None), (2, None), ("1, refined", DEFAULT_REFINE)):
+            n = 1 if refine is not None else actors
+            ray.init(num_cpus=n + 1, include_dashboard=False, logging_level="ERROR")
             try:
-                cfg = LabelConfig(actors=actors, cpus_per_actor=1, batch_size=args.batch, read_batch=args.batch,
-                                  images_per_file=64, aug_smooth=aug)
+                cfg = LabelConfig(actors=n, cpus_per_actor=1, batch_size=args.batch, read_batch=args.batch,
+                                  images_per_file=64, aug_smooth=aug, refine=refine)
                 s = label_archive(f"{work}/model", images, f"{work}/store-{actors}", cfg)
                 assert s["labeled"] == len(keys), s
                 rates[actors] = s["images_per_s"]
@@ -80,6 +87,9 @@ def main():
         print(f"in-process engine (1 thread, read+CAM+RLE): {inproc:.2f} images/s")
         print(f"Ray Data job, 1 actor: {rates[1]:.2f} images/s  -> job / in-process = {rates[1] / inproc:.2f}")
         print(f"Ray Data job, 2 actors: {rates[2]:.2f} images/s -> 2 / 1 actors = {rates[2] / rates[1]:.2f}x")
+        print(f"refined (contrast + PAR): in-process {inproc_refined:.2f} images/s -> refined / unrefined = "
+              f"{inproc_refined / inproc:.2f}; job, 1 actor {rates['1, refined']:.2f} images/s -> "
+              f"{rates['1, refined'] / rates[1]:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -158,11 +158,14 @@ class Archive:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, url: str, num_classes: int = NUM_CLASSES, check_images: bool = True) -> Archive:
+    def open(cls, url: str, num_classes: int = NUM_CLASSES, check_images: bool = True,
+             strict_images: bool = True) -> Archive:
         """Read and validate an archive's labels; see the module docstring for layouts.
 
-        ``check_images`` lists ``train_images/`` (one listing call) and fails on CSV rows
-        whose image is missing.
+        ``check_images`` lists ``train_images/`` (one listing call), which also finds the clean
+        images a long ``train.csv`` does not list; with ``strict_images`` it fails on CSV rows
+        whose image is missing and on empty or dangling image files (``strict_images=False``:
+        the labels of whatever is there, for jobs that report bad files themselves).
         """
         url = io.absolute(str(url).rstrip("/"))
         if url.lower().endswith(".csv"):
@@ -190,6 +193,8 @@ class Archive:
                 raise ArchiveError(f"archive {root} has no {IMAGES_DIR}/ folder") from None
             present = set(sizes)
             missing = [f"line {line}: {iid}" for iid, line in listed_ids.items() if iid not in present]
+            if not strict_images:
+                missing, sizes = [], {}
             if missing:
                 raise ArchiveError(
                     f"{source}: {len(missing)} image(s) listed but missing under {root}/{IMAGES_DIR}/: "

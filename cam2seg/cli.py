@@ -147,7 +147,7 @@ def cmd_label(args) -> int:
 
     cfg = effective_config(args).label
     summary = label_archive(args.model, args.images, args.out, cfg, incremental=args.incremental,
-                            relabel=args.relabel)
+                            relabel=args.relabel, labels=args.labels)
     print(summary)
     return 0
 
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_true",
                    help="skip images a committed run already labeled with this model version")
     p.add_argument("--relabel", action="store_true", help="label everything again even with --incremental")
+    p.add_argument("--labels", metavar="ARCHIVE|CSV",
+                   help="image-level labels of these images (an archive folder or its train.csv / labels.csv): "
+                   "classes they call absent get empty masks, the named ones always get theirs")
     config_flags(p, "label", ["actors", "batch_size", "method"])
     _add_config(p)
     p.set_defaults(func=cmd_label)

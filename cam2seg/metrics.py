@@ -5,7 +5,9 @@ so whole archives are scored without holding their masks, and the two trivial ba
 come from the true areas alone:
 
 * **Kaggle mean**: Dice per (image, class) pair, 1 for empty/empty and 0 for empty/non-empty,
-  averaged over all pairs (optionally of defective images only, as the paper does).
+  averaged over all pairs. Two of them: over **all images** (the competition's metric: clean
+  images count, so a mask on a clean image costs), and over the **defective images** only
+  (the paper's Tables 2 and 3).
 * **Positive-pair Dice**: the mean over the pairs whose true mask is non-empty; it measures
   localisation alone: on archives where most pairs are empty, the all-empty baseline scores
   a high Kaggle mean while finding nothing, so the Kaggle mean alone misleads.
@@ -69,7 +71,10 @@ class DiceScores:
 
     ``kaggle[c]``: mean over all pairs of class c; ``positive[c]``: mean over pairs of class c
     whose true mask is non-empty (NaN when there are none). ``kaggle_mean`` averages all pairs
-    (every class weighs by its number of images); ``positive_mean`` all positive pairs.
+    (every class weighs by its number of images); ``positive_mean`` all positive pairs. These
+    four cover the scored images (the defective ones, by default). Over every image given,
+    clean ones included: ``kaggle_all_mean`` (the competition's mean) and ``absent_masked``,
+    the share of pairs with an empty true mask that got a mask (NaN when there are none).
     """
 
     kaggle: np.ndarray
@@ -78,6 +83,8 @@ class DiceScores:
     positive_mean: float
     n_images: int
     n_positive: np.ndarray = field(repr=False)
+    kaggle_all_mean: float = float("nan")
+    absent_masked: float = float("nan")
 
 
 def score_dice(per_pair: np.ndarray, true_area: np.ndarray, defective_only: bool = True) -> DiceScores:
@@ -89,6 +96,9 @@ def score_dice(per_pair: np.ndarray, true_area: np.ndarray, defective_only: bool
     positive = np.asarray(true_area) > 0
     if per_pair.shape != positive.shape or per_pair.ndim != 2:
         raise ValueError(f"expected matching [N, C] arrays, got {per_pair.shape} and {positive.shape}")
+    kaggle_all = float(per_pair.mean()) if per_pair.size else float("nan")
+    # an absent pair scores 1 exactly when nothing was predicted
+    absent_masked = float((per_pair[~positive] < 1).mean()) if (~positive).any() else float("nan")
     if defective_only:
         keep = positive.any(axis=1)
         per_pair, positive = per_pair[keep], positive[keep]
@@ -104,6 +114,8 @@ def score_dice(per_pair: np.ndarray, true_area: np.ndarray, defective_only: bool
         positive_mean=float(per_pair[positive].mean()) if positive.any() else float("nan"),
         n_images=n,
         n_positive=n_pos,
+        kaggle_all_mean=kaggle_all,
+        absent_masked=absent_masked,
     )
 
 
@@ -143,25 +155,32 @@ def _fmt(x: float) -> str:
 
 
 def format_dice_table(scores: dict[str, DiceScores], class_names=None, title: str | None = None) -> str:
-    """A plain-text table: one row per method, Kaggle mean and positive-pair Dice per class."""
+    """A plain-text table, one row per method: the three figures (positive-pair Dice, the Kaggle
+    mean over all images, the Kaggle mean over defective images), the share of absent pairs that
+    got a mask, then Kaggle / positive-pair Dice per class (defective images)."""
     first = next(iter(scores.values()))
     c = len(first.kaggle)
     names = list(class_names) if class_names is not None else [f"class {i + 1}" for i in range(c)]
-    width = max(len(k) for k in scores) + 2
+    width = max(len("method"), *(len(k) for k in scores)) + 2
     lines = []
     if title:
         lines.append(title)
     lines.append(
-        f"{'method':<{width}}| {'Kaggle mean':>11} | {'pos. pairs':>10} | "
+        f"{'method':<{width}}| {'pos. pairs':>10} | {'Kaggle, all':>11} | {'Kaggle, def.':>12} | {'absent masked':>13} | "
         + " | ".join(f"{n:>15}" for n in names)
     )
-    lines.append(f"{'':<{width}}| {'':>11} | {'':>10} | " + " | ".join(f"{'kaggle / pos':>15}" for _ in names))
+    lines.append(f"{'':<{width}}| {'':>10} | {'':>11} | {'':>12} | {'':>13} | "
+                 + " | ".join(f"{'kaggle / pos':>15}" for _ in names))
     lines.append("-" * len(lines[-1]))
     for name, s in scores.items():
         cells = " | ".join(f"{_fmt(s.kaggle[i]):>7}/{_fmt(s.positive[i]):>7}" for i in range(c))
-        lines.append(f"{name:<{width}}| {_fmt(s.kaggle_mean):>11} | {_fmt(s.positive_mean):>10} | {cells}")
+        masked = "   -  " if not np.isfinite(s.absent_masked) else f"{100 * s.absent_masked:.1f}%"
+        lines.append(f"{name:<{width}}| {_fmt(s.positive_mean):>10} | {_fmt(s.kaggle_all_mean):>11} | "
+                     f"{_fmt(s.kaggle_mean):>12} | {masked:>13} | {cells}")
     lines.append(
-        f"{first.n_images} images; positive pairs per class: " + ", ".join(str(int(n)) for n in first.n_positive)
+        f"{first.n_images} defective images; positive pairs per class: " + ", ".join(str(int(n)) for n in first.n_positive)
+        + "; 'Kaggle, all': every image (clean ones too, empty/empty = 1); 'absent masked': absent (image, class) "
+        "pairs given a mask"
     )
     return "\n".join(lines)
 

@@ -79,7 +79,9 @@ class RunMarker(BaseModel):
 
     ``incremental``: False, True (skip images this model version labeled) or "new-only" (skip
     images any model labeled, the nightly rule). ``positives``: images with a non-empty mask per
-    class, in the model's class order, once ``complete``.
+    class, in the model's class order, once ``complete``. ``labels``: the image-level labels that
+    gated the run (classes they call absent were written empty); ``label_gated``: how many of
+    the listed images they covered.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +103,8 @@ class RunMarker(BaseModel):
     config: dict[str, Any] = {}
     parts: Parts = Parts()
     positives: list[int] | None = None
+    labels: str | None = None
+    label_gated: int = 0
 
 
 def now() -> str:

@@ -97,7 +97,7 @@ def test_help_shows_the_config_defaults(capsys, monkeypatch):
     assert h["--data ARCHIVE"] == "archive folder or CSV (labels are enough)"  # hand-written: a path
     h = _help(capsys, monkeypatch, "evaluate")
     assert h["--batch-size N"] == "images per inference batch (default: 8)"
-    assert h["--objective {kaggle,positive}"].endswith("(default: kaggle)")
+    assert h["--objective {kaggle,paper,positive}"].endswith("(default: kaggle)")
     assert h["--guided, --no-guided"].endswith("(default: True)")
     h = _help(capsys, monkeypatch, "train-segmenter")
     assert h["--batch-size N"] == "images per training batch (default: 16)"

@@ -61,7 +61,7 @@ def test_demo_runs_every_stage(demo):
     assert len(arch) == PRESETS["quick"]["synth"]["images"]
     card = load_card(p["classifier"])
     assert set(card.metrics["oof_auc"]) == {"1", "2", "3", "4"}
-    assert "cam_oof" in card.metrics and card.metrics["cam_oof_sweep"]["objective"] == "positive"
+    assert "cam_oof" in card.metrics and card.metrics["cam_oof_sweep"]["objective"] == "kaggle"
     sweep = card.metrics["cam_oof_sweep"]
     assert len(sweep["dice"]) == 4 and all(len(d) == len(sweep["threshold"]) for d in sweep["dice"])
     runs = store.committed_runs(p["store"])
@@ -185,12 +185,15 @@ def test_report_numbers_are_the_cards_numbers(demo):
     by_label = {html_mod.unescape(r[0]): r for r in _html_rows(text, "table3")}
     row_id, want = next(iter(seg.metrics["seg_oof"].items()))
     got = by_label[want["label"]]  # the card's row, under the card's label
-    assert float(got[1]) == pytest.approx(want["kaggle_mean"], abs=5e-4), row_id
-    assert float(got[2]) == pytest.approx(want["positive_mean"], abs=5e-4), row_id
+    # positive pairs, Kaggle over all images, Kaggle over defective images, absent pairs masked
+    assert float(got[1]) == pytest.approx(want["positive_mean"], abs=5e-4), row_id
+    assert float(got[2]) == pytest.approx(want["kaggle_all_mean"], abs=5e-4), row_id
+    assert float(got[3]) == pytest.approx(want["kaggle_mean"], abs=5e-4), row_id
+    assert got[4] == f"{100 * want['absent_masked']:.1f}%", (got, want)
     # per class: Kaggle, positive for class 1 (a dash where the card holds no finite value)
     k1, p1 = want["kaggle"][0], want["positive"][0]
-    assert got[3] == f"{k1:.3f}", (got, want)
-    assert got[4] == ("–" if p1 is None or p1 != p1 else f"{p1:.3f}"), (got, want)
+    assert got[5] == f"{k1:.3f}", (got, want)
+    assert got[6] == ("–" if p1 is None or p1 != p1 else f"{p1:.3f}"), (got, want)
 
 
 def test_report_without_true_masks_shows_scores_and_pictures_only(demo, tmp_path):

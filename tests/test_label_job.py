@@ -244,3 +244,52 @@ def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
     pairs = set(zip(t.column("image_id").to_pylist(), t.column("class_id").to_pylist()))
     assert t.num_rows == 128 and len(pairs) == 128
     assert not (out / "_lock.json").exists()
+
+
+def test_image_labels_gate_every_class(setup, labeled, tmp_path):
+    """``labels=``: a class the image-level label calls absent is always written empty, a named
+    one keeps the mask the ungated run wrote (the random model's confidence is 0: every class
+    passes its gate); rows stay images x classes; the marker says what gated the run."""
+    from cam2seg.archive import Archive
+
+    archive = Archive.open(str(setup["root"] / "archive"), strict_images=False)  # bad/ files planted
+    ungated = {(r["image_id"], r["class_id"]): r for r in store.read_masks(labeled[0]).to_pylist()}
+    labels = str(setup["root"] / "archive")
+    out = str(tmp_path / "store")
+    s = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), labels=labels)
+    assert s["labeled"] == 20 and s["errors"] == 7
+    rows = store.read_masks(out).to_pylist()
+    assert len(rows) == 20 * 4
+    for r in rows:
+        before = ungated[(r["image_id"], r["class_id"])]
+        assert r["score"] == pytest.approx(before["score"])  # the classifier's probability stays
+        if archive.labels[archive.index(r["image_id"]), r["class_id"] - 1]:
+            assert r["encoded_pixels"] == before["encoded_pixels"]
+        else:
+            assert r["area"] == 0 and r["encoded_pixels"] == "", r
+    assert sum(b["area"] > 0 for (i, c), b in ungated.items()
+               if not archive.labels[archive.index(i), c - 1]) >= 5  # the gate mattered
+    marker = store.committed_runs(out)[0]
+    assert marker.labels == labels and marker.label_gated == 27  # the 20 images and the 7 bad files
+
+
+def test_label_gates_from_a_folder_or_a_csv(setup, tmp_path):
+    """A long train.csv with its folder: unlisted images under train_images/ are clean. A wide
+    labels.csv alone: only the images it lists are known (the rest keep the classifier's gate).
+    Classes must match the model's."""
+    from cam2seg.archive import Archive, ArchiveError
+    from cam2seg.pipeline.label import label_gates
+
+    folder = setup["root"] / "archive"
+    archive = Archive.open(str(folder), strict_images=False)
+    gates = label_gates(str(folder), [1, 2, 3, 4])
+    clean = [i for i in archive.image_ids if not archive.labels[archive.index(i)].any()]
+    assert set(gates) == set(archive.image_ids) and clean and all(not gates[i].any() for i in clean)
+    assert all((gates[i] == archive.labels[archive.index(i)]).all() for i in archive.image_ids)
+    known = [i for i in archive.image_ids if not i.startswith("bad/")][3:]
+    wide = tmp_path / "labels.csv"
+    wide.write_text("ImageId,class_1,class_2,class_3,class_4\n" + "".join(
+        f"{i},{','.join(str(int(v)) for v in archive.labels[archive.index(i)])}\n" for i in known))
+    assert set(label_gates(str(wide), [1, 2, 3, 4])) == set(known)
+    with pytest.raises(ArchiveError, match="have classes"):
+        label_gates(str(folder), [1, 2, 3])

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import io, metrics, preprocess
 from . import tuning
@@ -35,22 +36,31 @@ from ..archive import Archive, ArchiveError
 from ..artifact import ModelCard, load_card, update_card
 from ..folds import FOLDS_FILE, load_folds
 from ..models.predict import Predictor, load_predictor
-from ..postprocess import PAPER, CardPostProcess, PostProcess
+from ..postprocess import DEFAULT_CAM, PAPER, CardPostProcess, PostProcess
+from ..refine import DEFAULT_REFINE, NO_REFINE, Refine, refine_maps
 
 __all__ = ["CamStats", "CamScores", "oof_map_stats", "oof_cam_stats", "pair_dice", "score_cams", "write_cam_scores",
-           "evaluate_cams", "VARIANTS", "GUIDED_VARIANT", "TUNED_VARIANT", "TUNED_ROW"]
+           "evaluate_cams", "VARIANTS", "GUIDED_VARIANT", "REFINED", "TUNED_VARIANT", "TUNED_ROW", "DEFAULTS_ROW"]
 
 _log = logging.getLogger(__name__)
 
-# row id -> (label, method, aug_smooth, weights)
+# CAM passes: row id -> (label, method, aug_smooth, weights)
 VARIANTS = {
     "gradcam": ("GradCAM", "gradcam", False, "best-epoch"),
     "gradcam++": ("GradCAM++", "gradcam++", False, "best-epoch"),
     "gradcam++_swa_aug": ("GradCAM++ + SWA + aug smooth", "gradcam++", True, "swa"),
 }
 GUIDED_VARIANT = {"guided-gradcam++_swa_aug": ("Guided GradCAM++ + SWA + aug smooth", "guided-gradcam++", True, "swa")}
-TUNED_VARIANT = "gradcam++_swa_aug"  # the variant whose tuned setting the card keeps
+UNREFINED_VARIANT = "gradcam++_swa_aug"
+# refinements of the UNREFINED_VARIANT's maps (one CAM pass): row id -> (label suffix, refinement)
+REFINED = {
+    f"{UNREFINED_VARIANT}_par": ("PAR", Refine(steps=["par"])),
+    f"{UNREFINED_VARIANT}_contrast": ("contrast", Refine(steps=["contrast"])),
+    f"{UNREFINED_VARIANT}_contrast_par": ("contrast + PAR", DEFAULT_REFINE),
+}
+TUNED_VARIANT = f"{UNREFINED_VARIANT}_contrast_par"  # the variant whose tuned setting the card keeps
 TUNED_ROW = f"{TUNED_VARIANT}/tuned-per-class"
+DEFAULTS_ROW = f"{TUNED_VARIANT}/defaults-labels"  # the labels-only user's row: nothing tuned on truth
 
 
 @dataclass
@@ -67,19 +77,27 @@ class CamStats:
 
 
 def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor, batch_size: int = 8,
-                  what: str = "maps") -> CamStats:
+                  what: str = "maps", refines: dict[str, Refine | None] | None = None):
     """Histograms of ``predictor``'s maps in [0, 1] of every image of ``archive``, each image
-    mapped by its out-of-fold model (``folds``: image id -> fold)."""
+    mapped by its out-of-fold model (``folds``: image id -> fold).
+
+    ``refines`` (id -> refinement, None: the raw maps): one map pass, each refinement applied
+    to its maps at the input size; returns id -> :class:`CamStats`. Without it, one
+    :class:`CamStats` of the predictor's own maps."""
     missing = [i for i in archive.image_ids if i not in folds]
     if missing:
         raise ArchiveError(f"{len(missing)} image(s) of {archive.root} are not in the model's folds "
                            f"(e.g. {missing[0]}): evaluate on the archive the model was trained on")
+    single = refines is None
+    if single:
+        refines = {"": predictor.refine}
+    raw = replace(predictor, refine=None)
     card, dev = predictor.card, predictor.device
     shape = archive.image_shape(archive.image_ids[0])
     n, c = len(archive), card.num_classes
-    out = CamStats(list(archive.image_ids), np.zeros((n, c, tuning.BINS), np.int64),
-                   np.zeros((n, c, tuning.BINS), np.int64), np.zeros((n, c), np.int64),
-                   np.zeros((n, c), np.float32), shape[0] * shape[1], 0.0)
+    out = {rid: CamStats(list(archive.image_ids), np.zeros((n, c, tuning.BINS), np.int64),
+                         np.zeros((n, c, tuning.BINS), np.int64), np.zeros((n, c), np.int64),
+                         np.zeros((n, c), np.float32), shape[0] * shape[1], 0.0) for rid in refines}
     t0 = time.perf_counter()
     for k in range(len(predictor.models)):
         idx = [i for i, iid in enumerate(archive.image_ids) if folds[iid] == k]
@@ -87,28 +105,42 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
             rows = idx[s : s + batch_size]
             ids = [archive.image_ids[i] for i in rows]
             imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
-            truth = np.stack([archive.masks(i, shape) for i in ids])
-            maps, scores = predictor.maps(imgs, out_size=shape, fold=k)
-            h_all, h_in = tuning.cam_histograms(maps, torch.from_numpy(truth).to(dev))
-            out.h_all[rows], out.h_in[rows] = h_all, h_in
-            out.true_area[rows] = truth.sum(axis=(-2, -1))
-            out.probs[rows] = scores.cpu().numpy()
+            truth = torch.from_numpy(np.stack([archive.masks(i, shape) for i in ids])).to(dev)
+            maps, scores = raw.maps(imgs, fold=k)  # at the input size
+            grey = torch.from_numpy(imgs).to(dev).float().div_(255).unsqueeze(1)
+            for rid, refine in refines.items():
+                m = refine_maps(maps, grey, refine)
+                if tuple(m.shape[-2:]) != tuple(shape):
+                    m = F.interpolate(m, size=tuple(shape), mode="bilinear", align_corners=False)
+                st = out[rid]
+                st.h_all[rows], st.h_in[rows] = tuning.cam_histograms(m, truth)
+                st.true_area[rows] = truth.sum(dim=(-2, -1)).cpu().numpy()
+                st.probs[rows] = scores.cpu().numpy()
         _log.info(f"  {what}: fold {k} done, "
                   f"{(sum(folds[i] <= k for i in archive.image_ids)) / (time.perf_counter() - t0):.1f} images/s")
-    out.seconds = time.perf_counter() - t0
-    return out
+    for st in out.values():
+        st.seconds = time.perf_counter() - t0
+    return out[""] if single else out
 
 
 def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: bool, weights: str = "swa",
-                  batch_size: int = 8, device=None) -> CamStats:
-    """Map every image of ``archive`` with its out-of-fold classifier; return histograms."""
-    predictor = load_predictor(model_url, device, weights=weights, method=method, aug_smooth=aug_smooth)
+                  batch_size: int = 8, device=None, refines: dict[str, Refine | None] | None = None):
+    """Map every image of ``archive`` with its out-of-fold classifier; return histograms (of
+    the raw maps, or id -> histograms of each of ``refines``, see :func:`oof_map_stats`)."""
+    predictor = load_predictor(model_url, device, weights=weights, method=method, aug_smooth=aug_smooth,
+                               refine=NO_REFINE)
     folds = load_folds(io.join(model_url, FOLDS_FILE))
-    return oof_map_stats(archive, folds, predictor, batch_size, f"{method}{' + aug' if aug_smooth else ''} ({weights})")
+    what = f"{method}{' + aug' if aug_smooth else ''}"
+    return oof_map_stats(archive, folds, predictor, batch_size, f"{what} ({weights})", refines)
 
 
-def pair_dice(st: CamStats, pp: PostProcess) -> np.ndarray:
-    return metrics.dice_from_counts(*tuning.counts_at(st.h_all, st.h_in, st.true_area, st.probs, pp, st.image_area))
+def pair_dice(st: CamStats, pp: PostProcess, gate: np.ndarray | None = None) -> np.ndarray:
+    """Pair Dice ``float[N, C]`` at ``pp``; ``gate`` (0/1 image labels ``[N, C]``) replaces the
+    classifier's probabilities in the confidence test, as ``cam2seg label --labels`` does."""
+    probs = st.probs if gate is None else np.asarray(gate, np.float32)
+    if gate is not None:
+        pp = pp.model_copy(update={"confidence": 0.5})
+    return metrics.dice_from_counts(*tuning.counts_at(st.h_all, st.h_in, st.true_area, probs, pp, st.image_area))
 
 
 @dataclass
@@ -132,26 +164,50 @@ def score_cams(model_url: str, truth_url: str, *, objective: str = "kaggle", bat
     stats = {}
     for vid, (label, method, aug, weights) in variants.items():
         _log.info(f"CAM variant: {label}")
-        stats[vid] = oof_cam_stats(model_url, archive, method, aug, weights, batch_size, device)
-    final = stats[TUNED_VARIANT]
+        if vid == UNREFINED_VARIANT:
+            refines = {vid: None, **{rid: r for rid, (_, r) in REFINED.items()}}
+            stats.update(oof_cam_stats(model_url, archive, method, aug, weights, batch_size, device, refines))
+        else:
+            stats[vid] = oof_cam_stats(model_url, archive, method, aug, weights, batch_size, device)
+    variants.update({rid: (f"{variants[UNREFINED_VARIANT][0]} + {suffix}", *variants[UNREFINED_VARIANT][1:])
+                     for rid, (suffix, _) in REFINED.items()})
+    final, labels_gate = stats[TUNED_VARIANT], archive.labels.astype(np.float32)
     tuned = tuning.sweep(final.h_all, final.h_in, final.true_area, final.probs, final.image_area,
                          objective=objective)
     pair, labels = {}, {}
+    thr = DEFAULT_CAM.threshold
     for vid, st in stats.items():
-        pair[f"{vid}/paper"], labels[f"{vid}/paper"] = pair_dice(st, PAPER), f"{variants[vid][0]} (paper: conf 0.5, thr 0.3, min 0)"
-    tuned_label = variants[TUNED_VARIANT][0]
+        if vid in REFINED:  # the paper's threshold is for raw maps: refined ones at cam2seg's default
+            rid = f"{vid}/defaults-labels"
+            pair[rid] = pair_dice(st, DEFAULT_CAM, labels_gate)
+            labels[rid] = f"{variants[vid][0]}, defaults (no true masks used: thr {thr}), image labels gate"
+        else:
+            pair[f"{vid}/paper"] = pair_dice(st, PAPER)
+            labels[f"{vid}/paper"] = f"{variants[vid][0]} (paper: conf 0.5, thr 0.3, min 0)"
+    name = variants[TUNED_VARIANT][0]
+    pair[f"{TUNED_VARIANT}/defaults"] = pair_dice(final, DEFAULT_CAM)
+    labels[f"{TUNED_VARIANT}/defaults"] = f"{name}, defaults (no true masks used: conf {DEFAULT_CAM.confidence}, thr {thr})"
     pair[f"{TUNED_VARIANT}/tuned-global"] = pair_dice(final, tuned.global_pp)
-    labels[f"{TUNED_VARIANT}/tuned-global"] = f"{tuned_label}, tuned (global)"
-    pair[TUNED_ROW], labels[TUNED_ROW] = pair_dice(final, tuned.per_class_pp), f"{tuned_label}, tuned (per class)"
+    labels[f"{TUNED_VARIANT}/tuned-global"] = f"{name}, tuned on true masks (global)"
+    pair[TUNED_ROW], labels[TUNED_ROW] = pair_dice(final, tuned.per_class_pp), f"{name}, tuned on true masks (per class)"
+    by_labels = tuning.sweep(final.h_all, final.h_in, final.true_area, labels_gate, final.image_area,
+                             objective=objective)
+    pair[f"{TUNED_VARIANT}/tuned-labels"] = pair_dice(final, by_labels.per_class_pp, labels_gate)
+    labels[f"{TUNED_VARIANT}/tuned-labels"] = f"{name}, tuned on true masks (per class), image labels gate"
+    unrefined = stats[UNREFINED_VARIANT]
+    own = tuning.sweep(unrefined.h_all, unrefined.h_in, unrefined.true_area, unrefined.probs, unrefined.image_area,
+                       objective=objective)
+    pair[f"{UNREFINED_VARIANT}/tuned-per-class"] = pair_dice(unrefined, own.per_class_pp)
+    labels[f"{UNREFINED_VARIANT}/tuned-per-class"] = f"{variants[UNREFINED_VARIANT][0]}, tuned on true masks (per class)"
     for vid in GUIDED_VARIANT if guided else ():
         st = stats[vid]
         own = tuning.sweep(st.h_all, st.h_in, st.true_area, st.probs, st.image_area, objective=objective)
         pair[f"{vid}/tuned-per-class"] = pair_dice(st, own.per_class_pp)
-        labels[f"{vid}/tuned-per-class"] = f"{variants[vid][0]}, tuned (per class)"
+        labels[f"{vid}/tuned-per-class"] = f"{variants[vid][0]}, tuned on true masks (per class)"
     rows = scored_rows(pair, labels, final.true_area, final.image_area, final.probs >= 0.5)
     n_def = int((final.true_area.sum(axis=1) > 0).sum())
     table = rows.format([f"class {i + 1}" for i in range(final.true_area.shape[1])],
-                        f"CAM pseudo-masks, out-of-fold, {n_def} defective images (paper's Table 2)")
+                        f"CAM pseudo-masks, out of fold, {len(archive)} images of which {n_def} defective (paper's Table 2)")
     gp, cp = tuned.global_pp, tuned.per_class_pp
     table += (f"\ntuned on these OOF maps for the {objective} mean: global confidence {gp.confidence}, threshold "
               f"{gp.threshold}, min_seg_len {gp.min_seg_len}; per class confidence {cp.confidence}, threshold "
@@ -162,10 +218,11 @@ def score_cams(model_url: str, truth_url: str, *, objective: str = "kaggle", bat
 def write_cam_scores(model_url: str, scores: CamScores) -> ModelCard:
     """Record the tuned per-class setting (the labeling job's from now on), the rows and the sweep
     in the classifier's card; returns the rewritten card (its version changes)."""
-    _, method, aug, _ = VARIANTS[TUNED_VARIANT]
+    _, method, aug, _ = VARIANTS[UNREFINED_VARIANT]
+    refine = REFINED[TUNED_VARIANT][1]
     t = scores.tuned
     post = CardPostProcess(**t.per_class_pp.model_dump(), global_setting=t.global_pp, tuned=True,
-                           objective=scores.objective, method=method, aug_smooth=aug)
+                           objective=scores.objective, method=method, aug_smooth=aug, refine=refine)
     card = load_card(model_url)
     card = update_card(model_url, card, postprocess=post, metrics={
         **card.metrics, "cam_oof": card_rows(scores.rows), "cam_oof_sweep": t.curves()})

@@ -2,7 +2,8 @@
 
 A row id is ``<source>/<setting>`` (e.g. ``gradcam++_swa_aug/tuned-per-class``); the two
 baselines are ``baseline/all-empty`` and ``baseline/whole-image``. Cards store each row as
-``{"label", "kaggle_mean", "positive_mean", "kaggle", "positive"}`` under its id.
+``{"label", "kaggle_mean", "positive_mean", "kaggle_all_mean", "absent_masked", "kaggle", "positive"}``
+under its id (cards written before the all-images figures lack those two: NaN).
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ def scored_rows(pair: dict[str, np.ndarray], labels: dict[str, str], true_area: 
 def card_rows(table: Table, ids=None) -> dict[str, dict]:
     """The rows (all, or ``ids``) as a card stores them."""
     return {k: {"label": table.label(k), "kaggle_mean": s.kaggle_mean, "positive_mean": s.positive_mean,
+                "kaggle_all_mean": s.kaggle_all_mean, "absent_masked": s.absent_masked,
                 "kaggle": s.kaggle.tolist(), "positive": s.positive.tolist()}
             for k, s in table.items() if ids is None or k in ids}
 
 
 def card_row_scores(row: dict) -> metrics.DiceScores:
     """A card's stored row back as :class:`~cam2seg.metrics.DiceScores` (counts are not stored)."""
+    nan = float("nan")
     return metrics.DiceScores(np.asarray(row["kaggle"]), np.asarray(row["positive"]), row["kaggle_mean"],
-                              row["positive_mean"], 0, np.zeros(len(row["kaggle"]), int))
+                              row["positive_mean"], 0, np.zeros(len(row["kaggle"]), int),
+                              _number(row.get("kaggle_all_mean"), nan), _number(row.get("absent_masked"), nan))
+
+
+def _number(v, default: float) -> float:
+    return default if v is None else float(v)

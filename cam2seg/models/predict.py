@@ -27,6 +27,7 @@ from .. import preprocess
 from ..artifact import ModelCard, load_card
 from ..cam import DEFAULT_METHOD, compute_cams
 from ..postprocess import PostProcess, apply
+from ..refine import Refine, refine_maps
 from .classifier import load_fold_models
 from .segmenter import load_segmenters, predict_maps
 
@@ -42,7 +43,9 @@ def pick_device(device=None) -> torch.device:
 class Predictor:
     """Fold models of one artifact on one device, with the post-processing its masks use.
 
-    ``method`` and ``aug_smooth`` pick the CAM variant (classifiers only).
+    ``method`` and ``aug_smooth`` pick the CAM variant (classifiers only); ``refine`` how maps
+    are refined on the image at the input size before they are resized and thresholded (None:
+    not at all).
     """
 
     card: ModelCard
@@ -51,6 +54,7 @@ class Predictor:
     postprocess: PostProcess
     method: str = DEFAULT_METHOD
     aug_smooth: bool = True
+    refine: Refine | None = None
 
     @property
     def kind(self) -> str:
@@ -77,15 +81,25 @@ class Predictor:
         models = self.models if fold is None else self.models[fold]
         x = self.inputs(images)
         if self.kind == "segmenter":
-            return predict_maps(models, x, out_size)
-        return compute_cams(models, x, self.method, self.aug_smooth, out_size=out_size)
+            maps, scores = predict_maps(models, x, None)
+        else:
+            maps, scores = compute_cams(models, x, self.method, self.aug_smooth)
+        if self.refine is not None and self.refine.steps:
+            grey = x[:, :1] * self.card.std[0] + self.card.mean[0]  # back to [0, 1]: the affinities are scale-free
+            maps = refine_maps(maps, grey, self.refine)
+        if out_size is not None and tuple(out_size) != tuple(maps.shape[-2:]):
+            maps = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return maps, scores
 
     def masks(self, images: np.ndarray, shapes, fold: int | None = None,
-              postprocess: PostProcess | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+              postprocess: PostProcess | None = None,
+              gate: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """Masks of each image at its original ``(H, W)`` in ``shapes``, and the scores.
 
         Maps are resized to each image's own size before the threshold, so masks keep the
-        resolution the image had; ``postprocess`` overrides the card's setting.
+        resolution the image had; ``postprocess`` overrides the card's setting; ``gate``
+        ``int[B, C]`` (1 present, 0 absent, -1 unknown) replaces the confidence test where known
+        (:func:`cam2seg.postprocess.apply`). Scores stay the model's.
         """
         maps, scores = self.maps(images, fold=fold)
         pp = postprocess or self.postprocess
@@ -95,17 +109,19 @@ class Predictor:
             m = maps[i : i + 1]
             if tuple(m.shape[-2:]) != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            out.append(apply(m.float().cpu().numpy(), scores_np[i : i + 1], pp)[0])
+            g = None if gate is None else np.asarray(gate)[i : i + 1]
+            out.append(apply(m.float().cpu().numpy(), scores_np[i : i + 1], pp, g)[0])
         return out, scores_np
 
 
 def load_predictor(url: str, device=None, *, weights: str = "swa", method: str | None = None,
-                   aug_smooth: bool | None = None) -> Predictor:
+                   aug_smooth: bool | None = None, refine: Refine | None = None) -> Predictor:
     """The :class:`Predictor` of the artifact at ``url`` (a classifier or a segmenter).
 
     ``weights``: "swa" (the artifact's weights) or "best-epoch" (classifiers: each fold's best
-    single epoch, for ablations). ``method`` / ``aug_smooth``: the CAM variant; by default the
-    one the card's post-processing was tuned for, else GradCAM++ with aug smoothing.
+    single epoch, for ablations). ``method`` / ``aug_smooth`` / ``refine``: the CAM variant and
+    its refinement; by default what the card's post-processing was tuned for, else GradCAM++
+    with aug smoothing, unrefined (``cam2seg.refine.NO_REFINE`` asks for no refinement).
     """
     dev = pick_device(device)
     if load_card(url).kind == "segmenter":
@@ -116,4 +132,5 @@ def load_predictor(url: str, device=None, *, weights: str = "swa", method: str |
     return Predictor(card, models, dev, post.setting(),
                      method=method or post.method or DEFAULT_METHOD,
                      aug_smooth=post.aug_smooth if aug_smooth is None and post.aug_smooth is not None
-                     else (True if aug_smooth is None else aug_smooth))
+                     else (True if aug_smooth is None else aug_smooth),
+                     refine=refine if refine is not None else post.refine)

@@ -21,7 +21,7 @@ from ..train import state
 from ..archive import Archive
 from ..artifact import ModelCard, load_card, write_artifact
 from ..models.classifier import create_classifier
-from ..postprocess import paper_default
+from ..postprocess import card_default
 from ..config import ClassifierConfig
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..folds import make_folds
@@ -147,7 +147,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         folds=cfg.folds,
         fold_files=[],
         # The paper's tuned post-processing, until the CAM stage tunes them on OOF maps.
-        postprocess=paper_default("classifier"),
+        postprocess=card_default("classifier"),
         metrics={"oof_auc": {str(cid): float(a) for cid, a in zip(archive.class_ids, auc)},
                  "oof_auc_mean": float(np.nanmean(auc)), "folds": fold_info},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__},

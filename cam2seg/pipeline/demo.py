@@ -47,8 +47,9 @@ def load_preset(name: str) -> dict[str, dict]:
 
 PRESETS: dict[str, dict] = {name: load_preset(name) for name in PRESET_NAMES}
 
-# How Table 2's tuning is scored in the demo: the report's headline numbers are positive-pair Dice.
-OBJECTIVE = "positive"
+# How the demo tunes post-processing: for the Kaggle mean over all images, the metric that charges
+# a mask on a clean image (a positive-pair objective drops the class gate to 0).
+OBJECTIVE = "kaggle"
 
 
 @dataclass
@@ -134,9 +135,10 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
         res.tables.append(table)
     res.seconds["evaluate CAMs"] = time.perf_counter() - t
 
-    t = _stage(4, total, "labeling job: GradCAM++ pseudo-masks of every image on Ray Data, into the label store")
+    t = _stage(4, total, "labeling job: refined GradCAM++ pseudo-masks of every image on Ray Data, gated by the "
+               "archive's image labels, into the label store")
     _say(str(label_archive(p["classifier"], io.join(p["archive"], "train_images"), p["store"], cfg.label,
-                             incremental=True)))
+                             incremental=True, labels=p["archive"])))
     res.seconds["label"] = time.perf_counter() - t
 
     seg = cfg.segmenter

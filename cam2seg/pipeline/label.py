@@ -29,9 +29,11 @@ import torch
 
 from .. import preprocess, io, rle, store
 from ..config import LabelConfig, parse_size
+from ..refine import Refine
 from ..models.predict import Predictor, load_predictor
 
-__all__ = ["read_image", "label_images", "Labeler", "read_batch", "write_batch", "label_archive", "LabelSummary"]
+__all__ = ["read_image", "label_images", "label_gates", "Labeler", "read_batch", "write_batch", "label_archive",
+           "LabelSummary"]
 
 _log = logging.getLogger(__name__)
 
@@ -67,16 +69,17 @@ def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None, 
         return blank, shape, f"preprocessing failed: {type(e).__name__}: {e}"
 
 
-def label_images(predictor: Predictor, images: np.ndarray, shapes) -> dict[str, list]:
+def label_images(predictor: Predictor, images: np.ndarray, shapes, gates: np.ndarray | None = None) -> dict[str, list]:
     """Masks of a batch as store columns (one row per image and class), from any artifact's
     :class:`~cam2seg.models.predict.Predictor`: CAM pseudo-masks of a classifier ensemble, or a
     segmenter ensemble's masks (score = a map's maximum), after the card's post-processing.
 
-    ``images`` ``uint8[B, h, w]`` at the card's input size; ``shapes`` the originals' (H, W).
-    Returns columns image-major, class-minor: class_id, encoded_pixels, score, area, height,
-    width (image ids are added by the caller).
+    ``images`` ``uint8[B, h, w]`` at the card's input size; ``shapes`` the originals' (H, W);
+    ``gates`` ``int8[B, C]`` from image-level labels (1 present, 0 absent: always an empty mask,
+    -1 unknown: the card's confidence decides). Returns columns image-major, class-minor:
+    class_id, encoded_pixels, score, area, height, width (image ids are added by the caller).
     """
-    masks, scores = predictor.masks(images, shapes)
+    masks, scores = predictor.masks(images, shapes, gate=gates)
     c = len(predictor.class_ids)
     cols = {"class_id": [], "encoded_pixels": [], "score": [], "area": [], "height": [], "width": []}
     for (h, w), m, s in zip(shapes, masks, scores):
@@ -87,6 +90,27 @@ def label_images(predictor: Predictor, images: np.ndarray, shapes) -> dict[str, 
         cols["height"] += [h] * c
         cols["width"] += [w] * c
     return cols
+
+
+def label_gates(labels_url: str, class_ids: list[int]) -> dict[str, np.ndarray]:
+    """Image id -> ``int8[C]`` gate (1 present, 0 absent) from image-level labels: an archive
+    folder (its ``train.csv`` or ``labels.csv``; with a long ``train.csv`` the images under
+    ``train_images/`` that it does not list are clean) or a labels CSV alone (then only the
+    images it lists are known). Images it does not know are left to the classifier's gate."""
+    from ..archive import IMAGES_DIR, Archive, ArchiveError
+
+    url = io.absolute(str(labels_url).rstrip("/"))
+    root = url.rpartition("/")[0] if url.lower().endswith(".csv") else url
+    has_images = io.exists(io.join(root, IMAGES_DIR))
+    # bad image files are the labeling job's to report (error rows), not a reason to refuse the labels
+    archive = Archive.open(url, check_images=has_images, strict_images=False)
+    if list(archive.class_ids) != list(class_ids):
+        raise ArchiveError(f"labels {archive.source} have classes {archive.class_ids}, the model {class_ids}")
+    return {iid: archive.labels[i].astype(np.int8) for i, iid in enumerate(archive.image_ids)}
+
+
+def _dump(model) -> dict | None:
+    return None if model is None else model.model_dump(mode="json")
 
 
 def _expected_size(cfg: LabelConfig, card) -> tuple[int, int] | None:
@@ -106,12 +130,15 @@ def read_batch(batch: dict, prefix: str, size: tuple[int, int], expect, threads:
     urls = [io.join(prefix, i) for i in ids]
     with ThreadPoolExecutor(max(1, min(threads, len(ids)))) as pool:
         res = list(pool.map(lambda u: read_image(u, size, expect, prefix=prefix, max_pixels=max_pixels), urls))
-    return {
+    out = {
         "image_id": np.array(ids, dtype=object), "uri": np.array(urls, dtype=object),
         "image": np.stack([r[0] for r in res]) if res else np.zeros((0, *size), np.uint8),
         "height": np.array([r[1][0] for r in res], np.int32), "width": np.array([r[1][1] for r in res], np.int32),
         "error": np.array([r[2] for r in res], dtype=object),
     }
+    if "gate" in batch:  # image-level labels, passed on to the Labeler
+        out["gate"] = np.stack([np.asarray(g, np.int8) for g in batch["gate"]]) if ids else np.zeros((0, 0), np.int8)
+    return out
 
 
 class Labeler:
@@ -119,9 +146,11 @@ class Labeler:
     images becomes one row per image with per-class list columns, so later batching can never
     split an image's classes across parts (bad images pass through with their error)."""
 
-    def __init__(self, model_url: str, method: str, aug_smooth: bool, batch_size: int, threads: int = 1):
+    def __init__(self, model_url: str, method: str, aug_smooth: bool, batch_size: int, threads: int = 1,
+                 refine: dict | None = None):
         torch.set_num_threads(max(1, threads))
-        self.predictor = load_predictor(model_url, method=method, aug_smooth=aug_smooth)
+        self.predictor = load_predictor(model_url, method=method, aug_smooth=aug_smooth,
+                                        refine=Refine(**refine) if refine is not None else None)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -131,7 +160,8 @@ class Labeler:
         for s in range(0, len(ok), self.batch_size):
             idx = ok[s : s + self.batch_size]
             shapes = [(int(batch["height"][i]), int(batch["width"][i])) for i in idx]
-            cols = label_images(self.predictor, batch["image"][idx], shapes)
+            gates = batch["gate"][idx] if "gate" in batch else None
+            cols = label_images(self.predictor, batch["image"][idx], shapes, gates)
             for j, i in enumerate(idx):
                 enc[i] = cols["encoded_pixels"][j * c : (j + 1) * c]
                 score[i] = cols["score"][j * c : (j + 1) * c]
@@ -196,12 +226,16 @@ class LabelSummary(dict):
 
 
 def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig | None = None, *,
-                  incremental: bool = False, relabel: bool = False, new_only: bool = False) -> LabelSummary:
+                  incremental: bool = False, relabel: bool = False, new_only: bool = False,
+                  labels: str | None = None) -> LabelSummary:
     """Label every image under ``images`` into the store at ``store_url`` (see module doc).
 
     ``incremental``: skip images a committed run labeled with this model version; ``new_only``:
     skip images a committed run labeled with any model (the nightly run's rule). ``relabel``
-    overrides both. Holds the store's lease for the whole run.
+    overrides both. ``labels``: image-level labels (:func:`label_gates`); a class they say is
+    absent gets an empty mask, one they name gets its mask whatever the classifier's score, and
+    images they do not know keep the card's confidence gate. Holds the store's lease for the
+    whole run.
     """
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
@@ -211,11 +245,19 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     keys = io.list_images(images)
     if not keys:
         raise FileNotFoundError(f"no images under {images} (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
+    gates = label_gates(labels, card.class_ids) if labels else None
     run_id = store.new_run_id()
     t0 = time.perf_counter()
     marker = store.RunMarker(run_id=run_id, model=model_url, model_kind=card.kind, model_version=card.version,
                              images=images, listed=len(keys), start=store.now(),
-                             incremental="new-only" if new_only else incremental, config=cfg.model_dump(mode="json"))
+                             incremental="new-only" if new_only else incremental,
+                             # the refinement in force, the card's when the config names none
+                             config={**cfg.model_dump(mode="json"), "refine": _dump(cfg.refine or card.postprocess.refine)},
+                             labels=io.absolute(labels) if labels else None,
+                             label_gated=sum(k in gates for k in keys) if gates else 0)
+    if gates is not None:
+        _log.info(f"image-level labels {labels} gate {marker.label_gated} of the {len(keys)} images; the rest "
+                  "keep the model's confidence gate")
     with store.RunWriter(store_url, marker, cfg.commit_every, cfg.lease_ttl) as writer:
         if writer.removed:
             _log.info(f"removed {writer.removed} uncommitted part(s) left by an earlier crashed run")
@@ -228,7 +270,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
                   f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
         positives = np.zeros(card.num_classes, np.int64)
         if todo:
-            for entry in _labeled_parts(todo, model_url, images, store_url, run_id, card, cfg):
+            for entry in _labeled_parts(todo, model_url, images, store_url, run_id, card, cfg, gates):
                 positives += np.asarray(entry["positives"], np.int64)
                 part = {k: store.Part(file=entry[k], rows=int(entry[f"{k}_rows"])) if entry[k] else None
                         for k in ("masks", "errors")}
@@ -249,7 +291,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
 
 
 def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str, run_id: str, card,
-                   cfg: LabelConfig):
+                   cfg: LabelConfig, gates: dict[str, np.ndarray] | None = None):
     """The Ray Data chain over ``todo``: one manifest row per written part batch (see module doc)."""
     import ray
 
@@ -258,7 +300,11 @@ def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str,
     ensure_ray()
     gpus = gpus_or_auto(cfg.gpus_per_actor, _log.warning)
     actors = cfg.actors or max(1, int(cluster_gpus() // gpus) if gpus else 1)
-    keys_table = pa.table({"image_id": pa.array(todo, pa.string())})
+    columns = {"image_id": pa.array(todo, pa.string())}
+    if gates is not None:
+        unknown = np.full(card.num_classes, -1, np.int8)
+        columns["gate"] = pa.array([gates.get(k, unknown).tolist() for k in todo], pa.list_(pa.int8()))
+    keys_table = pa.table(columns)
     blocks = [keys_table.slice(s, cfg.read_batch) for s in range(0, len(todo), cfg.read_batch)]
     ds = (
         ray.data.from_arrow(blocks)
@@ -271,7 +317,8 @@ def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str,
                      compute=ray.data.ActorPoolStrategy(size=actors),
                      fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,
                                             "aug_smooth": cfg.aug_smooth, "batch_size": cfg.batch_size,
-                                            "threads": max(1, int(cfg.cpus_per_actor))})
+                                            "threads": max(1, int(cfg.cpus_per_actor)),
+                                            "refine": cfg.refine.model_dump() if cfg.refine else None})
         .map_batches(write_batch, batch_size=cfg.images_per_file, batch_format="pyarrow",
                      num_cpus=cfg.read_cpus, fn_kwargs={"store_url": store_url, "run_id": run_id,
                                                         "model_version": card.version,

@@ -29,7 +29,7 @@ from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
 from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
 from ..raycluster import ensure_ray, gpus_or_auto
 from ..models.segmenter import create_segmenter
-from ..postprocess import paper_default
+from ..postprocess import card_default
 from ..train.segmenter_loop import SWA_FILE, train_segmenter_loop
 from ..train.loop import FINAL_FILE
 
@@ -165,7 +165,7 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
         grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         head={"architecture": cfg.architecture, "decoder_channels": cfg.decoder_channels},
-        folds=k_folds, fold_files=[], postprocess=paper_default("segmenter"),
+        folds=k_folds, fold_files=[], postprocess=card_default("segmenter"),
         metrics={"folds": fold_info, "val_loss_mean": float(np.mean([f["val_loss"] for f in fold_info]))},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__,
                   "refinements": {"absent_zero": cfg.absent_zero, "present_empty": cfg.present_empty,

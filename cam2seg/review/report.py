@@ -78,7 +78,9 @@ def _rows_table(rows: dict[str, metrics.DiceScores | dict], class_names: list[st
     for rid, s in rows.items():
         get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
         name = s.get("label", rid) if isinstance(s, dict) else rows.label(rid) if isinstance(rows, Table) else rid
+        opt = (lambda k: s.get(k)) if isinstance(s, dict) else (lambda k: getattr(s, k))
         out.append({"name": name, "kaggle_mean": get("kaggle_mean"), "positive_mean": get("positive_mean"),
+                    "kaggle_all_mean": opt("kaggle_all_mean"), "absent_masked": opt("absent_masked"),
                     "classes": [(get("kaggle")[i], get("positive")[i]) for i in range(len(class_names))]})
     return out
 
@@ -106,6 +108,10 @@ class Report:
 
 def _fmt(x) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
 
 
 def _load_predictor(url: str, device):
@@ -193,7 +199,7 @@ def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict
 def _sweeps(model_card, seg_cards: dict) -> dict:
     curves = {}
     if model_card is not None and model_card.metrics.get("cam_oof_sweep"):
-        curves["CAM (GradCAM++ + SWA + aug smooth), out of fold"] = model_card.metrics["cam_oof_sweep"]
+        curves["CAM (GradCAM++ + SWA + aug smooth + contrast + PAR), out of fold"] = model_card.metrics["cam_oof_sweep"]
     for url, card in seg_cards.items():
         if card.metrics.get("seg_oof_sweep"):
             curves[f"{url.rstrip('/').rsplit('/', 1)[-1]}: segmenter, out of fold"] = card.metrics["seg_oof_sweep"]
@@ -324,7 +330,7 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
                  else next(iter(seg_cards.values())).class_ids)
     names = [f"class {c}" for c in class_ids]
     ctx: dict = {"version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "names": names, "inputs": [], "fmt": _fmt, "notes": []}
+                 "names": names, "inputs": [], "fmt": _fmt, "pct": _pct, "notes": []}
     if arch is not None:
         ctx["inputs"].append(("archive", arch.source, f"{len(arch)} images, "
                               + ("true masks" if arch.has_masks else "image-level labels only")))
