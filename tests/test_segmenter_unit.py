@@ -83,8 +83,12 @@ def test_build_targets_decodes_resizes_and_refines():
     assert t.shape == (2, 4, 32, 200) and t.dtype == np.int8
     assert t[0, 0].sum() == 15 * 100 and t[0, 0, 5:20, 50:150].min() == 1
     assert t[1, 2].max() == 0 and np.all(t[1, 3] == IGNORE)
-    banded = build_targets(rles, [(h, w)] * 2, (32, 200), labels, SegmenterConfig())  # default band: 3 px
-    assert np.array_equal(banded[0, 0] == IGNORE, edge_band(t[0, 0] == 1, 3))
+    band = SegmenterConfig().ignore_band
+    assert band >= 1
+    banded = build_targets(rles, [(h, w)] * 2, (32, 200), labels, SegmenterConfig())  # the default band
+    assert np.array_equal(banded[0, 0] == IGNORE, edge_band(t[0, 0] == 1, band))
+    wide = build_targets(rles, [(h, w)] * 2, (32, 200), labels, SegmenterConfig(ignore_band=3))
+    assert np.array_equal(wide[0, 0] == IGNORE, edge_band(t[0, 0] == 1, 3))
     truth = build_targets(rles, [(h, w)] * 2, (h, w), None, SegmenterConfig())
     assert np.array_equal(truth[1, 2], m.astype(np.int8))
 
