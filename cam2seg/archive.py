@@ -192,20 +192,8 @@ class Archive:
             except FileNotFoundError:
                 raise ArchiveError(f"archive {root} has no {IMAGES_DIR}/ folder") from None
             present = set(sizes)
-            missing = [f"line {line}: {iid}" for iid, line in listed_ids.items() if iid not in present]
-            if not strict_images:
-                missing, sizes = [], {}
-            if missing:
-                raise ArchiveError(
-                    f"{source}: {len(missing)} image(s) listed but missing under {root}/{IMAGES_DIR}/: "
-                    + _lines(missing)
-                )
-            # the listing carries sizes: empty files and dangling links cost no extra request
-            empty = [f"{iid} ({'dangling link' if n is None else 'empty file'})"
-                     for iid, n in sizes.items() if not n]
-            if empty:
-                raise ArchiveError(f"archive {root}: {len(empty)} unreadable image(s) under {IMAGES_DIR}/: "
-                                   + _lines(empty))
+            if strict_images:
+                _check_present(source, root, listed_ids, sizes)
         else:
             present = set(listed_ids)
         if source.endswith("labels.csv") or "ClassId" not in header:
@@ -226,6 +214,19 @@ class Archive:
             _rles=rles,
             _index=index,
         )
+
+
+def _check_present(source: str, root: str, listed_ids: dict[str, int], sizes: dict[str, int | None]) -> None:
+    """Every image the CSV lists exists under ``train_images/``, and none is empty or dangling."""
+    missing = [f"line {line}: {iid}" for iid, line in listed_ids.items() if iid not in sizes]
+    if missing:
+        raise ArchiveError(
+            f"{source}: {len(missing)} image(s) listed but missing under {root}/{IMAGES_DIR}/: " + _lines(missing)
+        )
+    # the listing carries sizes: empty files and dangling links cost no extra request
+    empty = [f"{iid} ({'dangling link' if n is None else 'empty file'})" for iid, n in sizes.items() if not n]
+    if empty:
+        raise ArchiveError(f"archive {root}: {len(empty)} unreadable image(s) under {IMAGES_DIR}/: " + _lines(empty))
 
 
 def _bounded_lines(f, limit: int, chunk: int = 1 << 20):

@@ -107,7 +107,7 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
             imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
             truth = torch.from_numpy(np.stack([archive.masks(i, shape) for i in ids])).to(dev)
             maps, scores = raw.maps(imgs, fold=k)  # at the input size
-            grey = torch.from_numpy(imgs).to(dev).float().div_(255).unsqueeze(1)
+            grey = raw.grey(imgs)
             for rid, refine in refines.items():
                 m = refine_maps(maps, grey, refine)
                 if tuple(m.shape[-2:]) != tuple(shape):

@@ -75,6 +75,13 @@ class Predictor:
                 np.zeros((0, *size), np.uint8)
         return preprocess.to_input(images, self.card.mean, self.card.std, device=self.device)
 
+    def grey(self, images: np.ndarray) -> torch.Tensor:
+        """``uint8[B, h, w]`` -> what refinement sees: ``float32[B, 1, *input_size]`` in [0, 1]."""
+        return self._grey(self.inputs(images))
+
+    def _grey(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * self.card.std[0] + self.card.mean[0]  # the model input, un-normalised
+
     def maps(self, images: np.ndarray, out_size: tuple[int, int] | None = None,
              fold: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps in [0, 1] at ``out_size`` or the input size, scores); see the module doc."""
@@ -85,8 +92,7 @@ class Predictor:
         else:
             maps, scores = compute_cams(models, x, self.method, self.aug_smooth)
         if self.refine is not None and self.refine.steps:
-            grey = x[:, :1] * self.card.std[0] + self.card.mean[0]  # back to [0, 1]: the affinities are scale-free
-            maps = refine_maps(maps, grey, self.refine)
+            maps = refine_maps(maps, self._grey(x), self.refine)
         if out_size is not None and tuple(out_size) != tuple(maps.shape[-2:]):
             maps = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=False)
         return maps, scores
