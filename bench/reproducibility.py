@@ -3,7 +3,8 @@ over seeds. Each training is a real ``cam2seg train-classifiers`` run (own local
 preset's synthetic archive; the table shows out-of-fold ROC-AUC per class and whether the
 weights came out identical (the hashes of the fold weight files in the card).
 
-    .venv/bin/python bench/reproducibility.py [--preset small] [--seeds 0,1,2] [--repeat] [--isa avx2]
+    .venv/bin/python bench/reproducibility.py [--preset small] [--seeds 0,1,2] [--repeat] [--isa avx2] \
+        [--set classifier.plateau_epochs=6 ...]
 
 ``--repeat`` trains seed 0 a second time on this machine; ``--isa avx2`` trains seed 0 with
 PyTorch's and oneDNN's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA``),
@@ -37,8 +38,16 @@ def main() -> int:
     ap.add_argument("--repeat", action="store_true", help="train seed 0 twice")
     ap.add_argument("--isa", choices=["avx2", "default"], default=None, help="also train seed 0 with this kernel cap")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one, deleted)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                    help="override one preset value (a recipe to compare), e.g. classifier.augment=[hflip,vflip]")
     args = ap.parse_args()
     preset = yaml.safe_load(resources.files("cam2seg").joinpath("configs", f"{args.preset}.yaml").read_text())
+    for item in args.set:
+        path, _, value = item.partition("=")
+        section, _, key = path.partition(".")
+        if not key or not value:
+            ap.error(f"--set wants SECTION.KEY=VALUE, got {item!r}")
+        preset.setdefault(section, {})[key] = yaml.safe_load(value)
     work = args.keep or tempfile.mkdtemp(prefix="cam2seg-bench-repro-")
     cfg_path = os.path.join(work, "preset.yaml")
     with open(cfg_path, "w") as f:
@@ -73,7 +82,8 @@ def main() -> int:
                   f"fold AUC {fold_auc}, {results[-1][5]:.0f}s", flush=True)
         classes = list(results[0][2])
         print(f"\npreset {args.preset!r} ({s.get('images')} images {s.get('height')}x{s.get('width')}), "
-              f"classifier {preset['classifier'].get('encoder')}, {preset['classifier'].get('epochs')} epochs")
+              f"classifier {preset['classifier'].get('encoder')}, {preset['classifier'].get('epochs')} epochs"
+              + (f", with {' '.join(args.set)}" if args.set else ""))
         print("| run | " + " | ".join(f"class {c}" for c in classes) + " | mean | fold val_loss | weights |")
         print("|---" * (len(classes) + 4) + "|")
         base = results[0][3]

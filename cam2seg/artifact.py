@@ -105,7 +105,10 @@ def _sha256(data: bytes) -> str:
 
 def _content_version(card: ModelCard) -> str:
     # The creation time is left out: identical weights and card give the same version.
-    body = card.model_dump(exclude={"version", "created"})
+    return _body_version(card.model_dump(exclude={"version", "created"}))
+
+
+def _body_version(body: dict) -> str:
     return _sha256(json.dumps(body, sort_keys=True, default=str).encode())[:16]
 
 
@@ -146,7 +149,10 @@ def load_card(url: str) -> ModelCard:
         raise ArtifactError(f"{card_url} is not a cam2seg model card: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     if card.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{card_url}: format version {card.format_version}, this cam2seg reads {FORMAT_VERSION}")
-    if card.version != _content_version(card):
+    # The stored body's own hash keeps cards valid when a later cam2seg adds an optional field
+    # (the parsed card then has it, with its default, and hashes differently).
+    stored = _body_version({k: v for k, v in raw.items() if k not in ("version", "created")}) if isinstance(raw, dict) else None
+    if card.version not in (_content_version(card), stored):
         raise ArtifactError(f"{card_url}: the card was modified after it was written (version hash mismatch)")
     return card
 

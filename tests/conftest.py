@@ -23,6 +23,19 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+def run_cli(argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of an in-process ``cam2seg`` command (the console script is
+    ``cam2seg.cli.main``; it joins the Ray this process already runs)."""
+    import io
+
+    from cam2seg import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
 @contextlib.contextmanager
 def captured_logs():
     """The messages cam2seg's loggers emit inside the block (progress lines), as a list."""
@@ -159,8 +172,8 @@ def small_archive(tmp_path_factory):
 # Small enough for 2 CPU cores, big enough to learn: 480 images at 64x400, balanced classes, a
 # CPU-friendly encoder and a higher encoder learning rate than the paper's (which assumes
 # ImageNet weights; these models start from random init).
-LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=14, size=(64, 400), batch_size=16,
-                 lr_encoder=3e-3, keep_checkpoints=True, load_threads=2)
+LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=10, size=(64, 400), batch_size=16,
+                 lr_encoder=5e-3, keep_checkpoints=True, load_threads=2)
 
 
 @pytest.fixture(scope="session")
@@ -215,23 +228,19 @@ def random_artifact():
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server):
-    """S3 settings in the environment *before* the local Ray cluster starts, so its workers
-    inherit them (on a cluster they come from instance roles or secrets instead)."""
-    import ray
+def s3_module(s3_server):
+    """S3 settings in this process's environment for a whole module (so commands and Ray
+    clusters started from it inherit them, as cluster nodes get them from instance roles or
+    secrets); yields an s3fs filesystem. The server is reset and the environment restored after."""
     import s3fs
 
     env = s3_env(s3_server)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3fs.S3FileSystem.clear_instance_cache()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield s3fs.S3FileSystem()
     finally:
-        ray.shutdown()
         urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"), timeout=5)
         for k, v in saved.items():
             if v is None:

@@ -15,8 +15,8 @@ def model(request):
     return Classifier(request.param).eval()
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-@pytest.mark.parametrize("aug_smooth", [False, True])
+@pytest.mark.parametrize("method, aug_smooth", [("gradcam", False), ("gradcam", True), ("gradcam++", False),
+                                               ("gradcam++", True), ("layercam", False)])
 def test_fast_engine_equals_library(model, method, aug_smooth):
     x = torch.randn(3, 3, 64, 256, generator=torch.Generator().manual_seed(1))
     fast, p_fast = compute_cams(model, x, method, aug_smooth)
@@ -30,6 +30,45 @@ def test_fast_engine_equals_library(model, method, aug_smooth):
     if aug_smooth:  # all six variants in one encoder pass give the same maps
         together, p_together = compute_cams(model, x, method, aug_smooth, variants_per_pass=None)
         assert (together - fast).abs().max().item() < 1e-5 and torch.equal(p_together, p_fast)
+
+
+@pytest.mark.parametrize("method", ["layercam", "gradcam++"])
+def test_fused_stages_equal_the_library_with_several_target_layers(model, method):
+    """Maps of the stride-8 and stride-16 stages fused with the final features' map, against
+    pytorch-grad-cam given the same three target layers (aug smoothing wraps the fused map the
+    same way as a single one, tested above)."""
+    aug_smooth = False
+    from cam2seg.cam.engine import stage_indices
+
+    x = torch.randn(2, 3, 64, 256, generator=torch.Generator().manual_seed(3))
+    stages = stage_indices(model, (8, 16))
+    info = model.encoder.feature_info
+    assert [info[i]["reduction"] for i in stages] == [8, 16]
+    layers = [model.encoder.get_submodule(info[i]["module"]) for i in stages] + [find_feature_layer(model, x[:1])]
+    fused, p_fused = compute_cams(model, x, method, aug_smooth, fuse_strides=(8, 16))
+    ref, p_ref = library_cams(model, x, method, aug_smooth, target_layers=layers)
+    assert fused.shape == ref.shape == (2, 4, 64, 256)
+    assert (fused - ref).abs().max().item() < 1e-4
+    assert torch.allclose(p_fused, p_ref, atol=1e-6)
+    # the fusion is not the final map alone: finer stages changed it
+    alone, _ = compute_cams(model, x, method, aug_smooth)
+    assert (alone - fused).abs().max().item() > 0.05
+    assert (fused.amax(dim=(-2, -1)) > 0.5).float().mean() >= 0.25
+
+
+def test_stage_gradients_batched_equal_one_backward_per_class(model):
+    from cam2seg.cam.engine import stage_gradients, stage_indices
+
+    x = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(4))
+    idx = stage_indices(model, (8,))
+    la, acts_a, ga = stage_gradients(model, x, idx, batched=True)
+    lb, acts_b, gb = stage_gradients(model, x, idx, batched=False)
+    assert torch.equal(la, lb) and len(ga) == len(gb) == 2
+    for a, b, act in zip(ga, gb, acts_a):
+        assert a.shape == (4, *act.shape) and torch.allclose(a, b, atol=1e-6)
+        assert a.abs().sum() > 0
+    with pytest.raises(ValueError, match="no encoder stage at stride 64"):
+        stage_indices(model, (64,))
 
 
 def test_target_layer_is_the_forward_features_output():

@@ -150,3 +150,26 @@ def test_card_for_another_architecture_is_refused(tmp_path):
     artifact.write_artifact(out, _card(architecture="mobilenetv3_small_100"), states)
     with pytest.raises(artifact.ArtifactError, match="do not fit mobilenetv3_small_100"):
         load_fold_models(out)
+
+
+def test_a_card_written_before_an_optional_field_existed_still_loads(tmp_path):
+    """A later cam2seg adds optional card fields (with defaults): a card written without them
+    keeps its version and loads; an edited card is still refused."""
+    import json
+
+    from cam2seg.artifact import ArtifactError, _body_version, load_card
+
+    from conftest import write_random_artifact
+
+    out = tmp_path / "m"
+    write_random_artifact(str(out))
+    raw = json.loads((out / "model.json").read_text())
+    del raw["postprocess"]["refine"]  # as an older cam2seg wrote it: no such field yet
+    raw["version"] = _body_version({k: v for k, v in raw.items() if k not in ("version", "created")})
+    (out / "model.json").write_text(json.dumps(raw))
+    card = load_card(str(out))
+    assert card.version == raw["version"] and card.postprocess.refine is None
+    raw["postprocess"]["threshold"] = 0.99
+    (out / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="modified after it was written"):
+        load_card(str(out))

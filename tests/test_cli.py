@@ -15,6 +15,19 @@ def run(*args, cwd=None):
     return subprocess.run([CAM2SEG, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def run_all(*argvs) -> list[subprocess.CompletedProcess]:
+    """Several independent commands at once (each one's start-up is mostly imports)."""
+    procs = [subprocess.Popen([CAM2SEG, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in argvs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
 def test_synth_writes_archive_and_stats(tmp_path):
     out = tmp_path / "arch"
     r = run("synth", str(out), "--images", "30", "--height", "64", "--width", "400", "--seed", "2", "--stats")
@@ -38,19 +51,19 @@ def test_config_file_then_flags(tmp_path):
 
 def test_script_help_and_strict_config(tmp_path):
     # the console script: generated flags show the config's defaults; a duplicate key is one line, exit 2
-    r = run("evaluate", "--help")
-    assert r.returncode == 0 and "(default: 8)" in r.stdout and "--no-guided" in r.stdout
-    r = run("train-classifiers", "--help")
-    assert r.returncode == 0 and "(default: 64)" in r.stdout and "(default: 256x1600)" in r.stdout
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("classifier:\n  epochs: 3\n  epochs: 4\n")
-    r = run("train-classifiers", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--config", str(cfg))
-    assert r.returncode == 2 and "duplicate key 'epochs'" in r.stderr and str(cfg) in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    cfg.write_text("export:\n  format: rle\n")
-    r = run("export-coco", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "o.json"),
-            "--config", str(cfg))
-    assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    dup, export = tmp_path / "c.yaml", tmp_path / "e.yaml"
+    dup.write_text("classifier:\n  epochs: 3\n  epochs: 4\n")
+    export.write_text("export:\n  format: rle\n")
+    ev, tc, bad, ex = run_all(
+        ("evaluate", "--help"), ("train-classifiers", "--help"),
+        ("train-classifiers", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--config", str(dup)),
+        ("export-coco", "--store", str(tmp_path / "no-store"), "--out", str(tmp_path / "o.json"), "--config",
+         str(export)))
+    assert ev.returncode == 0 and "(default: 8)" in ev.stdout and "--no-guided" in ev.stdout
+    assert tc.returncode == 0 and "(default: 64)" in tc.stdout and "(default: 256x1600)" in tc.stdout
+    assert bad.returncode == 2 and "duplicate key 'epochs'" in bad.stderr and str(dup) in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert ex.returncode == 2 and "unrecognized arguments" not in ex.stderr and "Traceback" not in ex.stderr, ex.stderr
 
 
 def call(capsys, *args) -> tuple[int, str]:

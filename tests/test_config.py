@@ -111,7 +111,7 @@ def test_help_shows_the_config_defaults(capsys, monkeypatch):
     h = _help(capsys, monkeypatch, "export-coco")
     assert h["--order {confidence,id}"].endswith("(default: confidence)")
     h = _help(capsys, monkeypatch, "label")
-    assert h["--method {gradcam,gradcam++,guided-gradcam,guided-gradcam++}"] == (
+    assert h["--method {gradcam,gradcam++,layercam,guided-gradcam,guided-gradcam++}"] == (
         "the fast engine's CAM method (default: gradcam++)")
     h = _help(capsys, monkeypatch, "nightly")
     assert h["--out STORE"] == "the label store the runs commit to (default: None)"

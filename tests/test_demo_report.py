@@ -13,22 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam2seg import cli, store
+from cam2seg import store
 from cam2seg.review import overlay
 from cam2seg.archive import Archive
 from cam2seg.artifact import load_card
 from cam2seg.pipeline.demo import PRESETS, paths
 from cam2seg.review.report import build_report, pick_examples
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.slow
-
-
-def _run_cli(argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of an in-process command."""
-    out, err = _io.StringIO(), _io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +34,9 @@ def demo(tmp_path_factory):
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        rc, out, err = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        rc, out, err = run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
         card_before = load_card(paths(str(work))["classifier"]).version
-        rc2, out2, err2 = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        rc2, out2, err2 = run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
     finally:
         ray.shutdown()
     return {"work": work, "rc": rc, "out": out, "err": err, "rc2": rc2, "out2": out2, "err2": err2, "p": paths(str(work)),
@@ -92,7 +86,7 @@ def test_demo_refuses_a_workdir_of_other_settings(demo, tmp_path):
     meta = json.loads((work / "archive" / "synth.json").read_text())
     meta["images"] += 1
     (work / "archive" / "synth.json").write_text(json.dumps(meta))
-    rc, _, err = _run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+    rc, _, err = run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
     assert rc == 2 and "cam2seg demo: error:" in err and "holds an archive made with" in err and "--workdir" in err
     assert not (work / "classifier").exists()
 
@@ -218,9 +212,9 @@ def test_report_from_store_alone_finds_images_and_model(demo, tmp_path):
 
 
 def test_report_cli_errors(tmp_path):
-    rc, _, err = _run_cli(["report", "--out", str(tmp_path / "r")])
+    rc, _, err = run_cli(["report", "--out", str(tmp_path / "r")])
     assert rc == 2 and "give at least one of --store, --model, --segmenter" in err
-    rc, _, err = _run_cli(["report", "--out", str(tmp_path / "r"), "--store", str(tmp_path / "nothing")])
+    rc, _, err = run_cli(["report", "--out", str(tmp_path / "r"), "--store", str(tmp_path / "nothing")])
     assert rc == 2 and "holds no committed labeling run" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "index.html").exists()
 

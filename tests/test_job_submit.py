@@ -26,12 +26,16 @@ STORE = f"{BUCKET}/labels/nightly"
 MODEL = f"{BUCKET}/models/classifier"
 
 
+def submit_cmd(head: dict, script: str, *args: str, job_id: str) -> list[str]:
+    """``ray job submit --working-dir <repo>`` of ``jobs/<script>`` (blocking, as users run it)."""
+    return [str(head["bin"] / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+            "--submission-id", job_id, "--", "python", f"jobs/{script}", *args]
+
+
 def submit(head: dict, script: str, *args: str, job_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``ray job submit --working-dir <repo>`` of ``jobs/<script>`` (blocking, as users run it);
-    returns the CLI's completed process with the job's log in its stdout."""
-    cmd = [str(head["bin"] / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-           "--submission-id", job_id, "--", "python", f"jobs/{script}", *args]
-    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=timeout)
+    """:func:`submit_cmd`, run; the CLI's completed process has the job's log in its stdout."""
+    return subprocess.run(submit_cmd(head, script, *args, job_id=job_id), env=head["env"], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def job_status(head: dict, job_id: str) -> str:
@@ -133,13 +137,25 @@ def test_nightly_twice_through_ray_job_submit(ray_head, s3, images, random_artif
 
 
 def test_a_failing_job_fails_with_a_clear_message(ray_head, s3):
-    """Both job scripts that take a model: a missing one fails the job with one clear line."""
+    """Both job scripts that take a model: a missing one fails the job with one clear line
+    (the two submitted at once, as their drivers start up in parallel on the head)."""
     s3.mkdir(BUCKET.removeprefix("s3://"))
+    procs = {}
     for script, command in (("nightly.py", "nightly"), ("label_archive.py", "label")):
         job = f"c2s-{command}-bad"
-        r = submit(ray_head, script, "--model", f"{BUCKET}/models/missing", "--images", IMAGES, "--out", STORE,
-                   job_id=job, timeout=120)
-        assert r.returncode != 0
-        assert job_status(ray_head, job) == "FAILED"
-        assert f"cam2seg {command}: error: no model artifact at" in r.stdout, r.stdout[-2000:]
-        assert not s3.exists(STORE.removeprefix("s3://") + "/_runs")
+        cmd = submit_cmd(ray_head, script, "--model", f"{BUCKET}/models/missing", "--images", IMAGES, "--out", STORE,
+                         job_id=job)
+        procs[(job, command)] = subprocess.Popen(cmd, env=ray_head["env"], stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)
+    try:
+        for (job, command), p in procs.items():
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode != 0
+            assert job_status(ray_head, job) == "FAILED"
+            assert f"cam2seg {command}: error: no model artifact at" in out, out[-2000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert not s3.exists(STORE.removeprefix("s3://") + "/_runs")

@@ -21,6 +21,8 @@ from cam2seg.models.predict import load_predictor
 from cam2seg.config import LabelConfig
 from cam2seg.pipeline.label import label_archive, label_images
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.slow
 CFG = dict(batch_size=4, read_batch=8, images_per_file=8, commit_every=8, lease_ttl=30)
 
@@ -195,7 +197,9 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(ray_local, setup, tmp_path
     assert t.num_rows == 160 and len(pairs) == 160
 
 
-def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
+def test_killed_driver_then_rerun_completes_the_store(ray_local, setup, tmp_path):
+    """The command's driver killed (SIGKILL, with its process group) after some commits; the
+    same command again (in process, on this module's Ray) completes the store."""
     import psutil
 
     images = str(tmp_path / "images")
@@ -235,9 +239,9 @@ def test_killed_driver_then_rerun_completes_the_store(setup, tmp_path):
     assert not partial.complete and 8 <= partial.labeled < 32
     assert json.loads((out / "_lock.json").read_text())["pid"] == proc.pid  # left behind by the kill
 
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "already labeled by model" in r.stdout
+    rc, out_text, err = run_cli(cmd[1:])
+    assert rc == 0, err[-3000:]
+    assert "already labeled by model" in out_text
     runs = store.committed_runs(str(out))
     assert runs[-1].complete and runs[-1].labeled == 32 - partial.labeled
     t = store.read_masks(str(out))

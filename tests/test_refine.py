@@ -102,3 +102,16 @@ def test_registry_and_settings():
         Refine(steps=["crf"])
     with pytest.raises(ValueError):
         Refine(contrast={"sigma": 2})  # unknown keys are refused
+
+
+def test_a_shared_cache_changes_no_result():
+    """evaluate refines one batch several ways with one cache: each result equals its own
+    uncached run, and a second setting of a step does not reuse the first's image terms."""
+    g = torch.Generator().manual_seed(5)
+    images, maps = torch.rand(3, 1, 32, 96, generator=g), torch.rand(3, 2, 32, 96, generator=g)
+    settings = [Refine(steps=["par"]), Refine(steps=["contrast"]), Refine(),
+                Refine(par={"dilations": [1, 2]}), Refine(contrast={"window": 0.5})]
+    cache = {}
+    for r in settings:
+        assert torch.equal(refine_maps(maps, images, r, cache), refine_maps(maps, images, r))
+    assert len(cache) == 4  # two PAR settings, two contrast settings

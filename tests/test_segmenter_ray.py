@@ -1,8 +1,11 @@
-"""Stage 3 end to end on a real local Ray cluster: train-segmenter on a label store, Table 3,
-and labeling with the segmenter through the same job and store."""
+"""Stage 3 end to end on a real local Ray cluster: train-segmenter on a label store (with fold
+0's worker killed midway), Table 3, and labeling with the segmenter through the same job and
+store. One training serves every test here: on 2 CPU cores a Ray Train run costs ~20 s before
+its first step."""
 
 import json
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,7 +25,8 @@ from cam2seg.pipeline.segment import train_segmenter
 
 pytestmark = pytest.mark.slow
 
-CFG = dict(encoder="tu-mobilenetv3_small_100", epochs=2, batch_size=8, size=(32, 200), ignore_band=1, load_threads=2)
+CFG = dict(encoder="tu-mobilenetv3_small_100", epochs=4, batch_size=8, size=(32, 200), ignore_band=1, load_threads=2,
+           keep_checkpoints=True)
 
 
 def _pseudo_store(archive: Archive, url: str, model: str) -> None:
@@ -45,8 +49,24 @@ def _pseudo_store(archive: Archive, url: str, model: str) -> None:
                                 "parts": {"masks": [part], "errors": []}})
 
 
+def _kill_fold0_worker_once_it_checkpointed(runs, killed: dict) -> None:
+    import psutil
+
+    from conftest import registered_checkpoints, wait_for
+
+    wait_for(lambda: registered_checkpoints(runs, 0), 180, "a recorded checkpoint of fold 0")
+    ckpt = next(runs.glob(f"*/runs/fold-0/{registered_checkpoints(runs, 0)[-1]}"))
+    victim = psutil.Process(json.loads((ckpt / "state.json").read_text())["pid"])
+    killed["cmdline"] = " ".join(victim.cmdline())
+    victim.kill()
+
+
 @pytest.fixture(scope="module")
 def trained(small_archive, tmp_path_factory, log_lines):
+    """The segmenter trained once, fold 0's Ray Train worker killed (by pid) as soon as it has a
+    recorded checkpoint; then the same training again (nothing to do)."""
+    import threading
+
     import ray
 
     root = tmp_path_factory.mktemp("stage3")
@@ -60,12 +80,17 @@ def trained(small_archive, tmp_path_factory, log_lines):
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        out = str(root / "seg")
+        out = root / "seg"
+        killed = {}
+        killer = threading.Thread(target=_kill_fold0_worker_once_it_checkpointed, args=(out / "_train", killed),
+                                  daemon=True)
         with log_lines() as logs:
-            card = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG))
-            again = train_segmenter(str(small_archive), pseudo, out, SegmenterConfig(**CFG))
-        yield {"archive": archive, "root": root, "store": pseudo, "seg": out, "card": card, "again": again,
-               "folds": folds, "logs": logs}
+            killer.start()
+            card = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
+            killer.join(5)
+            again = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
+        yield {"archive": archive, "root": root, "store": pseudo, "seg": str(out), "card": card, "again": again,
+               "folds": folds, "logs": logs, "killed": killed}
     finally:
         ray.shutdown()
 
@@ -135,40 +160,17 @@ def test_label_job_with_a_segmenter_equals_in_process(trained, tmp_path):
 
 
 
-def test_killed_segmenter_worker_resumes_its_fold(trained, tmp_path, log_lines):
-    """Kill fold 0's training worker (by pid) once it has a recorded checkpoint: the fold
-    resumes from that checkpoint, does not train its first epoch again, and its history says
-    so. (The classifier's test also kills and re-runs the whole command; both go through
+def test_killed_segmenter_worker_resumes_its_fold(trained):
+    """Fold 0's worker was killed once it had a recorded checkpoint: the fold resumed from that
+    checkpoint, did not train its first epoch again, and its history says so. (The classifier's
+    test also kills and re-runs the whole command; both go through
     ``cam2seg.train.loop.TrainState.resume``.)"""
-    import threading
-
-    import psutil
-
-    from conftest import registered_checkpoints, wait_for
-
-    out = tmp_path / "seg"
-    runs = out / "_train"
-    killed = {}
-
-    def kill_fold0_worker():
-        wait_for(lambda: registered_checkpoints(runs, 0), 180, "a recorded checkpoint of fold 0")
-        ckpt = next(runs.glob(f"*/runs/fold-0/{registered_checkpoints(runs, 0)[-1]}"))
-        victim = psutil.Process(json.loads((ckpt / "state.json").read_text())["pid"])
-        killed["cmdline"] = " ".join(victim.cmdline())
-        victim.kill()
-
-    cfg = SegmenterConfig(**{**CFG, "epochs": 4, "keep_checkpoints": True})
-    killer = threading.Thread(target=kill_fold0_worker, daemon=True)
-    with log_lines() as logs:
-        killer.start()
-        card = train_segmenter(str(trained["archive"].root), trained["store"], str(out), cfg)
-    killer.join(5)
-    assert "RayTrainWorker" in killed.get("cmdline", ""), killed
-    text = "\n".join(logs)
-    resumed = re.search(r"\[segmenter fold 0\] resuming at epoch (\d+)/4", text)
+    assert "RayTrainWorker" in trained["killed"].get("cmdline", ""), trained["killed"]
+    text = "\n".join(trained["logs"])
+    n = CFG["epochs"]
+    resumed = re.search(rf"\[segmenter fold 0\] resuming at epoch (\d+)/{n}", text)
     assert resumed and int(resumed.group(1)) > 1, text[-3000:]
-    assert text.count("[segmenter fold 0] epoch 1/4 ") == 1, text[-3000:]  # before the kill only
-    assert card.kind == "segmenter" and card.folds == 2
-    final = next(out.glob("_train/*/done/fold-0/final.json"))
+    assert text.count(f"[segmenter fold 0] epoch 1/{n} ") == 1, text[-3000:]  # before the kill only
+    final = next(Path(trained["seg"]).glob("_train/*/done/fold-0/final.json"))
     events = [e["epoch"] for e in json.loads(final.read_text())["history"] if e.get("event") == "resumed"]
     assert events == [int(resumed.group(1)) - 1], events

@@ -107,9 +107,9 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
             imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
             truth = torch.from_numpy(np.stack([archive.masks(i, shape) for i in ids])).to(dev)
             maps, scores = raw.maps(imgs, fold=k)  # at the input size
-            grey = raw.grey(imgs)
+            grey, cache = raw.grey(imgs), {}
             for rid, refine in refines.items():
-                m = refine_maps(maps, grey, refine)
+                m = refine_maps(maps, grey, refine, cache)
                 if tuple(m.shape[-2:]) != tuple(shape):
                     m = F.interpolate(m, size=tuple(shape), mode="bilinear", align_corners=False)
                 st = out[rid]
@@ -124,13 +124,14 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
 
 
 def oof_cam_stats(model_url: str, archive: Archive, method: str, aug_smooth: bool, weights: str = "swa",
-                  batch_size: int = 8, device=None, refines: dict[str, Refine | None] | None = None):
+                  batch_size: int = 8, device=None, refines: dict[str, Refine | None] | None = None,
+                  fuse_strides: tuple[int, ...] = ()):
     """Map every image of ``archive`` with its out-of-fold classifier; return histograms (of
     the raw maps, or id -> histograms of each of ``refines``, see :func:`oof_map_stats`)."""
     predictor = load_predictor(model_url, device, weights=weights, method=method, aug_smooth=aug_smooth,
-                               refine=NO_REFINE)
+                               refine=NO_REFINE, fuse_strides=fuse_strides)
     folds = load_folds(io.join(model_url, FOLDS_FILE))
-    what = f"{method}{' + aug' if aug_smooth else ''}"
+    what = f"{method}{' + aug' if aug_smooth else ''}{f' fused {fuse_strides}' if fuse_strides else ''}"
     return oof_map_stats(archive, folds, predictor, batch_size, f"{what} ({weights})", refines)
 
 

@@ -62,6 +62,11 @@ class Classifier(nn.Module):
         """``float[B, 3, H, W]`` -> ``float[B, F, h, w]`` (the last activation before pooling)."""
         return self.encoder.forward_features(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``float[B, 3, H, W]`` -> (``forward_features(x)``, the outputs of the encoder stages
+        ``indices`` (timm ``feature_info`` order, ``float[B, F_i, h_i, w_i]``)), in one pass."""
+        return self.encoder.forward_intermediates(x, indices=indices)
+
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``float[B, F, h, w]`` -> ``float[B, C]`` logits (or pooled ``float[B, F]``)."""
         pooled = self.encoder.forward_head(features, pre_logits=True)

@@ -17,6 +17,7 @@ scoring); the default is the mean of all folds. The device is chosen once, by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,8 @@ def pick_device(device=None) -> torch.device:
 class Predictor:
     """Fold models of one artifact on one device, with the post-processing its masks use.
 
-    ``method`` and ``aug_smooth`` pick the CAM variant (classifiers only); ``refine`` how maps
+    ``method``, ``aug_smooth`` and ``fuse_strides`` pick the CAM variant (classifiers only; see
+    :func:`cam2seg.cam.compute_cams`); ``refine`` how maps
     are refined on the image at the input size before they are resized and thresholded (None:
     not at all).
     """
@@ -55,6 +57,7 @@ class Predictor:
     method: str = DEFAULT_METHOD
     aug_smooth: bool = True
     refine: Refine | None = None
+    fuse_strides: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -90,7 +93,7 @@ class Predictor:
         if self.kind == "segmenter":
             maps, scores = predict_maps(models, x, None)
         else:
-            maps, scores = compute_cams(models, x, self.method, self.aug_smooth)
+            maps, scores = compute_cams(models, x, self.method, self.aug_smooth, fuse_strides=self.fuse_strides)
         if self.refine is not None and self.refine.steps:
             maps = refine_maps(maps, self._grey(x), self.refine)
         if out_size is not None and tuple(out_size) != tuple(maps.shape[-2:]):
@@ -121,13 +124,17 @@ class Predictor:
 
 
 def load_predictor(url: str, device=None, *, weights: str = "swa", method: str | None = None,
-                   aug_smooth: bool | None = None, refine: Refine | None = None) -> Predictor:
+                   aug_smooth: bool | None = None, refine: Refine | None = None,
+                   fuse_strides: Sequence[int] | None = None) -> Predictor:
     """The :class:`Predictor` of the artifact at ``url`` (a classifier or a segmenter).
 
     ``weights``: "swa" (the artifact's weights) or "best-epoch" (classifiers: each fold's best
-    single epoch, for ablations). ``method`` / ``aug_smooth`` / ``refine``: the CAM variant and
-    its refinement; by default what the card's post-processing was tuned for, else GradCAM++
-    with aug smoothing, unrefined (``cam2seg.refine.NO_REFINE`` asks for no refinement).
+    single epoch, for ablations). ``method`` / ``aug_smooth`` / ``fuse_strides`` / ``refine``: the
+    CAM variant and its refinement; by default what the card's post-processing was tuned for,
+    else GradCAM++ with aug smoothing on the final features, unrefined
+    (``cam2seg.refine.NO_REFINE`` asks for no refinement). Fused stages
+    (``fuse_strides``, see :func:`cam2seg.cam.compute_cams`) are for measurements only
+    (``bench/fused_cams.py``): they did not help refined masks, so cards do not record them.
     """
     dev = pick_device(device)
     if load_card(url).kind == "segmenter":
@@ -139,4 +146,5 @@ def load_predictor(url: str, device=None, *, weights: str = "swa", method: str |
                      method=method or post.method or DEFAULT_METHOD,
                      aug_smooth=post.aug_smooth if aug_smooth is None and post.aug_smooth is not None
                      else (True if aug_smooth is None else aug_smooth),
-                     refine=refine if refine is not None else post.refine)
+                     refine=refine if refine is not None else post.refine,
+                     fuse_strides=tuple(fuse_strides or ()))

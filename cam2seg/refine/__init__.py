@@ -75,10 +75,13 @@ NO_REFINE = Refine(steps=[])
 DEFAULT_REFINE = Refine()
 
 
-def refine_maps(maps: torch.Tensor, images: torch.Tensor, refine: Refine | None) -> torch.Tensor:
-    """``maps`` refined as ``refine`` says (None or no steps: returned unchanged)."""
+def refine_maps(maps: torch.Tensor, images: torch.Tensor, refine: Refine | None,
+                cache: dict | None = None) -> torch.Tensor:
+    """``maps`` refined as ``refine`` says (None or no steps: returned unchanged). ``cache``: a
+    dict that lives as long as these ``images``; refining them several ways (evaluate's rows)
+    then computes each step's image terms (PAR's affinities, the contrast gate) once."""
     if refine is None:
         return maps
     for step in refine.steps:
-        maps = REFINERS[step](maps, images, **getattr(refine, step).model_dump())
+        maps = REFINERS[step](maps, images, **getattr(refine, step).model_dump(), cache=cache)
     return maps

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["contrast", "background"]
+__all__ = ["contrast", "gate", "background"]
 
 _MEDIAN_SPAN = 15  # window side, in pixels of the shrunk image
 _MAD_TO_SIGMA = 1.4826
@@ -40,11 +40,22 @@ def background(image: torch.Tensor, window: float) -> torch.Tensor:
     return F.interpolate(med, size=(h, w), mode="bilinear", align_corners=False) if factor > 1 else med
 
 
+def gate(image: torch.Tensor, window: float, z_low: float, z_high: float) -> torch.Tensor:
+    """The gate ``float32[B, 1, H, W]`` in [0, 1]: 0 up to ``z_low`` robust sigmas from the
+    background, 1 from ``z_high``, linear between."""
+    image = image.float()
+    dev = (image - background(image, window)).abs()
+    sigma = _MAD_TO_SIGMA * dev.flatten(1).median(dim=1).values.clamp(min=1e-6)
+    z = dev / sigma[:, None, None, None]
+    return ((z - z_low) / (z_high - z_low)).clamp_(0, 1)
+
+
 def contrast(maps: torch.Tensor, image: torch.Tensor, window: float = 0.8, z_low: float = 2.5,
-             z_high: float = 6.0, cam_power: float = 0.5) -> torch.Tensor:
+             z_high: float = 6.0, cam_power: float = 0.5, cache: dict | None = None) -> torch.Tensor:
     """``maps`` ``float[B, C, H, W]`` in [0, 1] gated by how far each pixel of grey ``image``
     ``float[B, 1, H, W]`` (same H, W, any scale) stands out from its background; returns
-    ``float32[B, C, H, W]`` in [0, 1]."""
+    ``float32[B, C, H, W]`` in [0, 1]. ``cache``: a dict for these images only, where the gate
+    is kept for the next call with the same setting."""
     if maps.ndim != 4 or image.ndim != 4 or image.shape[1] != 1:
         raise ValueError(f"maps must be [B, C, H, W] and image [B, 1, H, W], got {tuple(maps.shape)}, "
                          f"{tuple(image.shape)}")
@@ -53,9 +64,10 @@ def contrast(maps: torch.Tensor, image: torch.Tensor, window: float = 0.8, z_low
     if not 0 < window <= 4 or not 0 <= z_low < z_high or cam_power <= 0:
         raise ValueError(f"need 0 < window <= 4, 0 <= z_low < z_high and cam_power > 0; got {window}, {z_low}, "
                          f"{z_high}, {cam_power}")
-    image = image.float()
-    dev = (image - background(image, window)).abs()
-    sigma = _MAD_TO_SIGMA * dev.flatten(1).median(dim=1).values.clamp(min=1e-6)
-    z = dev / sigma[:, None, None, None]
-    ramp = ((z - z_low) / (z_high - z_low)).clamp_(0, 1)
+    key = ("contrast", window, z_low, z_high)
+    ramp = None if cache is None else cache.get(key)
+    if ramp is None:
+        ramp = gate(image, window, z_low, z_high)
+        if cache is not None:
+            cache[key] = ramp
     return (maps.float().clamp(0, 1) ** cam_power * ramp).clamp_(0, 1)

@@ -16,6 +16,7 @@ of what determines the weights into ``work``, so a changed config starts afresh.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -54,6 +55,19 @@ def done_url(work: str, fold: int) -> str:
 
 def fold_done(work: str, fold: int) -> bool:
     return io.exists(io.join(done_url(work, fold), FINAL_FILE))
+
+
+_LOOP_KEY = "_cam2seg_loop"
+
+
+def _run_loop(config: dict) -> None:
+    """The ``train_loop_per_worker`` every fold's Ray Train run gets: it imports the real loop
+    (``config[_LOOP_KEY]``, "module:function") in the training worker only. The fold task,
+    which holds the function but never runs it, then imports none of timm, torchvision or smp:
+    190 MB less per fold on the driver's node (measured: 882 -> 696 MB resident)."""
+    module, name = config[_LOOP_KEY].split(":")
+    loop = getattr(importlib.import_module(module), name)
+    loop({k: v for k, v in config.items() if k != _LOOP_KEY})
 
 
 def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers: int, cpus: float, gpus: float,
@@ -112,9 +126,10 @@ def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: i
     # theirs: runtime_env env_vars are inherited by the Train controller and its actors.
     env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
+    name = f"{loop.__module__}:{loop.__qualname__}"
     try:
         pending = {task.options(name=f"cam2seg-fold-{k}", runtime_env=env).remote(
-                       k, loop, cfg, work, workers, cpus, gpus, max_failures, staged): k
+                       k, _run_loop, {**cfg, _LOOP_KEY: name}, work, workers, cpus, gpus, max_failures, staged): k
                    for k, cfg in configs.items()}
         last_note = time.perf_counter()
         while pending:
