@@ -78,18 +78,14 @@ def _layer_maps(features: torch.Tensor, grads: torch.Tensor, weigh, size: tuple[
     return cam.reshape(c, n, *size)
 
 
-def _weigher(method: str):
-    try:
-        return METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join(METHODS)}") from None
-
-
 def feature_maps_to_cams(features, grads, method: str, size: tuple[int, int]) -> torch.Tensor:
     """Steps 1-3 for one layer (``features [N, F, h, w]``, ``grads [C, N, F, h, w]``) or
     several (lists of both, fused as the library fuses target layers: the mean of the
     per-layer scaled maps, then ReLU and min-max) -> ``[C, N, H, W]``."""
-    weigh = _weigher(method)
+    try:
+        weigh = METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join(METHODS)}") from None
     if isinstance(features, torch.Tensor):
         features, grads = [features], [grads]
     layers = [_layer_maps(a, g, weigh, size) for a, g in zip(features, grads)]
