@@ -106,6 +106,27 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+# The two jobs the tests below read, each with its own home and Ray temp folder: the default
+# (token auth), and auth disabled with the opt-in, its driver SIGKILLed.
+JOBS = {"default": {}, "opt-in, killed": dict(kill=True, RAY_AUTH_MODE="disabled", CAM2SEG_ALLOW_UNAUTHENTICATED_RAY="1")}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Both JOBS run at once (each about 11 s, mostly waiting for Ray to start and stop):
+    name -> what :func:`_run_job` returns, plus its ``home``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dirs = {name: (tmp_path_factory.mktemp("job"), tempfile.mkdtemp(prefix="c2s-rs-")) for name in JOBS}
+    try:
+        with ThreadPoolExecutor(len(JOBS)) as pool:
+            futures = {name: pool.submit(_run_job, *dirs[name], **kw) for name, kw in JOBS.items()}
+            yield {name: {**f.result(), "home": dirs[name][0] / "home"} for name, f in futures.items()}
+    finally:
+        for _, ray_tmp in dirs.values():
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def _run_job(tmp_path: Path, ray_tmp: str, kill: bool = False, **extra: str) -> dict:
     """Run JOB until its actor answered, read its process tree's listening sockets for a few
     seconds (agents bind late), stop it (``kill``: SIGKILL the driver alone). Returns the sockets,
@@ -162,8 +183,8 @@ def _run_job(tmp_path: Path, ray_tmp: str, kill: bool = False, **extra: str) -> 
                 pass
 
 
-def test_default_local_ray_listens_on_loopback_only_with_token_auth(tmp_path, ray_tmp):
-    run = _run_job(tmp_path, ray_tmp)
+def test_default_local_ray_listens_on_loopback_only_with_token_auth(jobs):
+    run = jobs["default"]
     assert run["rc"] == 0, run["out"][-4000:]
     assert not run["left"], f"outlived the command: {run['left']}"
     names = {name for name, _, _ in run["sockets"]}
@@ -174,7 +195,7 @@ def test_default_local_ray_listens_on_loopback_only_with_token_auth(tmp_path, ra
     assert run["job_auth_mode"] == "token"
     for name in ("gcs_server", "raylet"):
         assert run["auth_modes"].get(name) == {"token"}, run["auth_modes"]
-    assert (tmp_path / "home" / ".ray" / "auth_token").stat().st_size > 0
+    assert (run["home"] / ".ray" / "auth_token").stat().st_size > 0
 
 
 def test_auth_disabled_is_refused_before_ray_starts(tmp_path, ray_tmp):
@@ -198,10 +219,10 @@ def test_auth_disabled_is_refused_before_ray_starts(tmp_path, ray_tmp):
     assert not (tmp_path / "home" / ".ray").exists()
 
 
-def test_auth_disabled_with_opt_in_runs_on_loopback_and_leaves_nothing_after_sigkill(tmp_path, ray_tmp):
+def test_auth_disabled_with_opt_in_runs_on_loopback_and_leaves_nothing_after_sigkill(jobs):
     """Also issue 16 item 9: after SIGKILL of the driver alone, no process it started is left
     (Ray's dashboard and runtime-env agents used to stay a minute)."""
-    run = _run_job(tmp_path, ray_tmp, kill=True, RAY_AUTH_MODE="disabled", CAM2SEG_ALLOW_UNAUTHENTICATED_RAY="1")
+    run = jobs["opt-in, killed"]
     assert run["rc"] == -signal.SIGKILL, run["out"][-4000:]
     assert len(run["seen"]) >= 6, sorted(run["seen"])  # the tree was seen: gcs, raylet, agents, worker, watcher
     assert not run["left"], f"outlived the driver: {run['left']}"

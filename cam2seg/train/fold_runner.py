@@ -34,6 +34,12 @@ RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per
                 "gpus_per_worker"}
 
 _POLL_S = 1.0    # how often the driver shows the workers' new lines
+# Ray Train's controller polls its workers every 2 s by default, so it learns that a fold's loop
+# has ended (or that a worker died) up to 2 s late, more than once per run. At 0.5 s a 2-fold run
+# that trains nothing took 15 s instead of 18 s on 2 cores (BENCHMARKS.md, "Test suite time"), for a
+# few small calls a second per fold. A value exported by the user wins; Ray Train passes it on
+# from the fold task to its controller.
+_HEALTH_CHECK_VAR, _HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 _NOTE_S = 60.0   # a "still training" line after this long without news of a fold
 
 
@@ -124,7 +130,8 @@ def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: i
     # for "the" local cluster by listing gcs_server processes when RAY_ADDRESS is unset, and
     # fail when two commands each run a local Ray. Tell the folds' process tree which one is
     # theirs: runtime_env env_vars are inherited by the Train controller and its actors.
-    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                        _HEALTH_CHECK_VAR: os.environ.get(_HEALTH_CHECK_VAR, _HEALTH_CHECK_S)}}
     task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
     name = f"{loop.__module__}:{loop.__qualname__}"
     try:
