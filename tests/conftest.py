@@ -175,65 +175,96 @@ def small_archive(tmp_path_factory):
 LEARN_CFG = dict(encoder="mobilenetv3_small_100", folds=2, epochs=10, size=(64, 400), batch_size=16,
                  lr_encoder=5e-3, keep_checkpoints=True, load_threads=2)
 
-# It is trained by a real `cam2seg train-classifiers` command (its own local Ray, in its own Ray
-# temp folder) that starts as soon as the tests are collected, at the lowest CPU priority, and the
-# tests that read it run last: the minute it trains then fills the CPU time the rest of the suite
-# leaves idle (Ray start-ups wait a lot) instead of slowing those tests (at equal priority it made a
-# two-thread torch test 30x slower). The command is stopped by its pid when the session ends.
-_STAGE1 = pytest.StashKey[dict]()
+# Two long commands run in the background: the stage-1 model above is trained by a real `cam2seg
+# train-classifiers`, and the demo's `quick` preset runs as a real `cam2seg demo`, each with its own
+# local Ray in its own Ray temp folder. They start as soon as the tests are collected, at the lowest
+# CPU priority, and the tests that read them run last: their minutes then fill the CPU time the rest
+# of the suite leaves idle (Ray start-ups wait a lot) instead of slowing those tests (at equal
+# priority the training made a two-thread torch test 30x slower). Each is stopped by its pid when
+# the session ends.
+_BACKGROUND = pytest.StashKey[dict]()
 
 
-def pytest_collection_modifyitems(config, items):
-    late = [item for item in items if "trained_classifier" in getattr(item, "fixturenames", ())]
-    if late:
-        ids = {id(item) for item in late}
-        items[:] = [item for item in items if id(item) not in ids] + late
-
-
-def pytest_collection_finish(session):
-    if session.config.option.collectonly or not any(
-            "trained_classifier" in getattr(item, "fixturenames", ()) for item in session.items):
-        return
+def _stage1_command(root: Path) -> tuple[list[str], dict]:
     import json
 
     from cam2seg.synthetic import synth
 
-    root = Path(tempfile.mkdtemp(prefix="c2s-s1-"))  # short: Ray's socket paths live under it
     data, out, cfg = root / "archive", root / "model", root / "classifier.yaml"
     synth.write_archive(str(data), images=480, height=64, width=400, seed=3, mix="balanced", progress=None)
     cfg.write_text(json.dumps({"classifier": {**LEARN_CFG, "size": list(LEARN_CFG["size"])}}))  # YAML's subset
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(root / "ray")}
-    env.pop("RAY_ADDRESS", None)
-    log = open(root / "train.log", "w")
-    proc = subprocess.Popen(["nice", "-n", "19", str(BIN / "cam2seg"), "train-classifiers", "--data", str(data), "--out", str(out),
-                             "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    log.close()
-    # Its own session is its own scheduling group where Linux groups by session (autogroup): the
-    # group's nice value is the one that counts against the tests'.
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{proc.pid}/autogroup").write_text("19")
-    session.config.stash[_STAGE1] = {"proc": proc, "root": root, "data": str(data), "out": str(out),
-                                     "t0": time.time()}
+    return (["train-classifiers", "--data", str(data), "--out", str(out), "--config", str(cfg)],
+            {"data": str(data), "out": str(out)})
+
+
+def _demo_command(root: Path) -> tuple[list[str], dict]:
+    return ["demo", "--preset", "quick", "--workdir", str(root / "run")], {"work": str(root / "run")}
+
+
+# fixture name -> what its command is (argv after `cam2seg`, and facts for the fixture), in the order
+# their readers run
+_COMMANDS = {"trained_classifier": _stage1_command, "demo_run": _demo_command}
+
+
+def _uses(item, name: str) -> bool:
+    return name in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {id(item): next((n for n, name in enumerate(_COMMANDS) if _uses(item, name)), -1) for item in items}
+    items.sort(key=lambda item: rank[id(item)])  # stable: the others keep their order, first
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    jobs = session.config.stash.setdefault(_BACKGROUND, {})
+    for name, command in _COMMANDS.items():
+        if not any(_uses(item, name) for item in session.items):
+            continue
+        root = Path(tempfile.mkdtemp(prefix="c2s-bg-"))  # short: Ray's socket paths live under it
+        argv, facts = command(root)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(root / "ray")}
+        env.pop("RAY_ADDRESS", None)
+        with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
+            proc = subprocess.Popen(["nice", "-n", "19", str(BIN / "cam2seg"), *argv], stdout=out, stderr=err,
+                                    env=env, start_new_session=True)
+        # Its own session is its own scheduling group where Linux groups by session (autogroup):
+        # the group's nice value is the one that counts against the tests'.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{proc.pid}/autogroup").write_text("19")
+        jobs[name] = {"proc": proc, "root": root, "t0": time.time(), **facts}
 
 
 def pytest_sessionfinish(session):
-    stage1 = session.config.stash.get(_STAGE1, None)
-    if stage1:
-        if stage1["proc"].poll() is None:
-            stop_process(stage1["proc"], 30, group=True)
+    for job in session.config.stash.get(_BACKGROUND, {}).values():
+        if job["proc"].poll() is None:
+            stop_process(job["proc"], 30, group=True)
         else:  # its Ray: whatever of the command's process group is left
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(stage1["proc"].pid, signal.SIGKILL)
-        shutil.rmtree(stage1["root"], ignore_errors=True)
+                os.killpg(job["proc"].pid, signal.SIGKILL)
+        shutil.rmtree(job["root"], ignore_errors=True)
+
+
+def background_result(request, name: str, timeout: float = 600) -> dict:
+    """Wait for the background command of fixture ``name``; its facts plus returncode, stdout,
+    stderr and ``seconds`` (from its start to its last output)."""
+    job = request.config.stash[_BACKGROUND][name]
+    try:
+        job["proc"].wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the background command {job['proc'].args} did not end within {timeout} s")
+    out, err = (job["root"] / "stdout").read_text(), (job["root"] / "stderr").read_text()
+    seconds = max(os.path.getmtime(job["root"] / f) for f in ("stdout", "stderr")) - job["t0"]
+    return {**job, "returncode": job["proc"].returncode, "stdout": out, "stderr": err, "seconds": seconds}
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread_while_stage1_trains(request):
-    """While that command trains, tests in this process run torch on one thread: two OpenMP
-    threads on two busy cores wait on each other at every op (a CAM test took 68 s instead of 2)."""
-    stage1 = request.config.stash.get(_STAGE1, None)
-    if stage1 is None or stage1["proc"].poll() is not None or "torch" not in sys.modules:
+def _one_torch_thread_while_commands_run(request):
+    """While a background command runs, tests in this process run torch on one thread: two
+    OpenMP threads on two busy cores wait on each other at every op (a CAM test took 68 s, not 2)."""
+    jobs = request.config.stash.get(_BACKGROUND, {}).values()
+    if not any(job["proc"].poll() is None for job in jobs) or "torch" not in sys.modules:
         yield
         return
     import torch
@@ -248,21 +279,20 @@ def _one_torch_thread_while_stage1_trains(request):
 
 @pytest.fixture(scope="session")
 def trained_classifier(request):
-    """The stage-1 model of ``LEARN_CFG`` (see above): waits for its command to end."""
+    """The stage-1 model of ``LEARN_CFG`` (see above)."""
     from cam2seg.artifact import load_card
     from cam2seg.config import ClassifierConfig
 
-    stage1 = request.config.stash[_STAGE1]
-    proc = stage1["proc"]
-    try:
-        proc.wait(600)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the stage-1 training command did not end within 600 s")
-    log = (stage1["root"] / "train.log").read_text()
-    assert proc.returncode == 0, log[-4000:]
-    seconds = os.path.getmtime(os.path.join(stage1["out"], "model.json")) - stage1["t0"]  # alongside other tests
-    return {"data": stage1["data"], "out": stage1["out"], "card": load_card(stage1["out"]),
-            "cfg": ClassifierConfig(**LEARN_CFG), "seconds": seconds, "log": log}
+    run = background_result(request, "trained_classifier")
+    assert run["returncode"] == 0, run["stderr"][-4000:]
+    return {"data": run["data"], "out": run["out"], "card": load_card(run["out"]),
+            "cfg": ClassifierConfig(**LEARN_CFG), "seconds": run["seconds"]}
+
+
+@pytest.fixture(scope="session")
+def demo_run(request):
+    """`cam2seg demo --preset quick` (see above): its workdir, returncode, stdout and stderr."""
+    return background_result(request, "demo_run")
 
 
 def write_random_artifact(out: str, encoder: str = "mobilenetv3_small_100", size=(64, 400), folds: int = 2,

@@ -26,21 +26,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_run):
+    """The demo as a command (started in the background: tests/conftest.py), then again in process."""
     import ray
 
-    work = tmp_path_factory.mktemp("demo") / "run"
+    work = demo_run["work"]
+    card_before = load_card(paths(work)["classifier"]).version if demo_run["returncode"] == 0 else None
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        rc, out, err = run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
-        card_before = load_card(paths(str(work))["classifier"]).version
-        rc2, out2, err2 = run_cli(["demo", "--preset", "quick", "--workdir", str(work)])
+        rc2, out2, err2 = run_cli(["demo", "--preset", "quick", "--workdir", work])
     finally:
         ray.shutdown()
-    return {"work": work, "rc": rc, "out": out, "err": err, "rc2": rc2, "out2": out2, "err2": err2, "p": paths(str(work)),
-            "card_before": card_before}
+    return {"work": work, "rc": demo_run["returncode"], "out": demo_run["stdout"], "err": demo_run["stderr"],
+            "rc2": rc2, "out2": out2, "err2": err2, "p": paths(work), "card_before": card_before}
 
 
 def test_demo_runs_every_stage(demo):
