@@ -238,11 +238,7 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     for job in session.config.stash.get(_BACKGROUND, {}).values():
-        if job["proc"].poll() is None:
-            stop_process(job["proc"], 30, group=True)
-        else:  # its Ray: whatever of the command's process group is left
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job["proc"].pid, signal.SIGKILL)
+        stop_process(job["proc"], 30, group=True)  # an ended one: only what is left of its group (its Ray)
         shutil.rmtree(job["root"], ignore_errors=True)
 
 

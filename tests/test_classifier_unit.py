@@ -173,3 +173,13 @@ def test_a_card_written_before_an_optional_field_existed_still_loads(tmp_path):
     (out / "model.json").write_text(json.dumps(raw))
     with pytest.raises(ArtifactError, match="modified after it was written"):
         load_card(str(out))
+
+
+def test_fold_tasks_get_the_cluster_and_a_short_health_check_unless_the_user_set_one(monkeypatch):
+    from cam2seg.train.fold_runner import fold_env_vars
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert fold_env_vars("127.0.0.1:6379") == {"RAY_ADDRESS": "127.0.0.1:6379",
+                                               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert fold_env_vars("127.0.0.1:6379")["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"

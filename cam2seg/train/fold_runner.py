@@ -25,7 +25,7 @@ from typing import Callable
 from .. import io, logs
 from .loop import FINAL_FILE
 
-__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url"]
+__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "fold_env_vars"]
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def _run_loop(config: dict) -> None:
     module, name = config[_LOOP_KEY].split(":")
     loop = getattr(importlib.import_module(module), name)
     loop({k: v for k, v in config.items() if k != _LOOP_KEY})
+
+
+def fold_env_vars(gcs_address: str) -> dict[str, str]:
+    """The environment every fold task (and through it, its Train controller) runs with: this
+    cluster's address and the health-check interval (the user's, when exported)."""
+    return {"RAY_ADDRESS": gcs_address, _HEALTH_CHECK_VAR: os.environ.get(_HEALTH_CHECK_VAR, _HEALTH_CHECK_S)}
 
 
 def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers: int, cpus: float, gpus: float,
@@ -130,8 +136,7 @@ def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: i
     # for "the" local cluster by listing gcs_server processes when RAY_ADDRESS is unset, and
     # fail when two commands each run a local Ray. Tell the folds' process tree which one is
     # theirs: runtime_env env_vars are inherited by the Train controller and its actors.
-    env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-                        _HEALTH_CHECK_VAR: os.environ.get(_HEALTH_CHECK_VAR, _HEALTH_CHECK_S)}}
+    env = {"env_vars": fold_env_vars(ray.get_runtime_context().gcs_address)}
     task = ray.remote(num_cpus=0, max_retries=0)(_fold_task)
     name = f"{loop.__module__}:{loop.__qualname__}"
     try:
