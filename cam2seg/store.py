@@ -24,6 +24,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -37,7 +38,7 @@ from . import io, rle
 __all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "Part", "Parts", "RunMarker", "RunWriter",
            "new_run_id", "write_part", "commit",
            "committed_runs", "read_masks", "read_errors", "labeled_ids", "decode_mask", "Lease",
-           "remove_uncommitted", "read_parts", "now"]
+           "remove_uncommitted", "read_parts", "iter_masks", "now"]
 
 MASK_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("class_id", pa.int8()), ("encoded_pixels", pa.string()),
@@ -158,16 +159,20 @@ def committed_runs(store: str) -> list[RunMarker]:
     return sorted(markers, key=lambda m: m.run_id)
 
 
+def _part_file(store: str, part: Part) -> pq.ParquetFile:
+    fs, path = io.filesystem(io.join(store, part.file))
+    f = pq.ParquetFile(fs.open(path, "rb"))
+    if f.metadata.num_rows != part.rows:
+        raise StoreError(f"{store}/{part.file}: {f.metadata.num_rows} rows, its marker says {part.rows}")
+    return f
+
+
 def read_parts(store: str, markers: list[RunMarker], kind: str, schema: pa.Schema, columns=None) -> pa.Table:
     """All rows of ``kind`` the ``markers`` list, with ``_rank`` = the marker's position."""
     tables = []
     for rank, m in enumerate(markers):
         for part in getattr(m.parts, kind):
-            fs, path = io.filesystem(io.join(store, part.file))
-            with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=columns)
-            if t.num_rows != part.rows:
-                raise StoreError(f"{store}/{part.file}: {t.num_rows} rows, its marker says {part.rows}")
+            t = _part_file(store, part).read(columns=columns)
             tables.append(t.append_column("_rank", pa.array(np.full(t.num_rows, rank, np.int32))))
     if not tables:
         cols = [schema.field(c) for c in (columns or schema.names)]
@@ -175,42 +180,100 @@ def read_parts(store: str, markers: list[RunMarker], kind: str, schema: pa.Schem
     return pa.concat_tables(tables)
 
 
-def _newest(table: pa.Table, keys: list[str]) -> pa.Table:
-    """Keep, per key, the row of the newest run (highest ``_rank``); drop ``_rank``."""
+def _newest_ranks(table: pa.Table, keys: list[str]) -> pa.Table | None:
+    """``keys`` + ``_rank``: the newest run's rank per key, or None when one run holds every row
+    (nothing is superseded). Hash aggregation in Arrow: no per-row Python objects."""
     if table.num_rows == 0:
-        return table.drop_columns(["_rank"])
-    order = pc.sort_indices(table, [(k, "ascending") for k in keys] + [("_rank", "descending")])
-    t = table.take(order)
-    first = np.zeros(t.num_rows, bool)
-    first[0] = True
-    for k in keys:  # a row starts a group when any key differs from the row before
-        col = t.column(k).to_numpy(zero_copy_only=False)
-        first[1:] |= col[1:] != col[:-1]
-    return t.filter(pa.array(first)).drop_columns(["_rank"])
+        return None
+    lo_hi = pc.min_max(table.column("_rank")).as_py()
+    if lo_hi["min"] == lo_hi["max"]:
+        return None
+    newest = table.select([*keys, "_rank"]).group_by(keys).aggregate([("_rank", "max")])
+    return newest.select([*keys, "_rank_max"]).rename_columns([*keys, "_rank"])
 
 
-def read_masks(store: str, columns: list[str] | None = None) -> pa.Table:
+def _newest(table: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep, per key, the row of the newest run (highest ``_rank``); drop ``_rank``. Order is not kept."""
+    newest = _newest_ranks(table, keys)
+    if newest is not None:
+        table = table.join(newest, keys=[*keys, "_rank"], join_type="left semi")
+    return table.drop_columns(["_rank"])
+
+
+def _mask_columns(columns: list[str] | None) -> list[str]:
+    cols = list(MASK_SCHEMA.names) if columns is None else list(dict.fromkeys([*columns, "image_id", "class_id"]))
+    unknown = [c for c in cols if c not in MASK_SCHEMA.names]
+    if unknown:
+        raise ValueError(f"no such store column(s) {unknown}; the columns are {MASK_SCHEMA.names}")
+    return cols
+
+
+def iter_masks(store: str, columns: list[str] | None = None, batch_rows: int = 65_536,
+               image_ids=None) -> Iterator[pa.RecordBatch]:
+    """The rows :func:`read_masks` returns, streamed: record batches of at most ``batch_rows``
+    rows (:data:`MASK_SCHEMA`, or ``columns`` of it plus the keys), each (image, class) once, in
+    no particular order; ``image_ids`` (any sequence or string array) keeps those images only.
+    For stores too large to hold: memory is one batch plus, when several runs hold rows, the
+    (image, class, run) keys of the store, read once up front."""
+    cols, markers = _mask_columns(columns), committed_runs(store)
+    wanted = None if image_ids is None else pa.array(list(image_ids) if not isinstance(image_ids, pa.Array)
+                                                     else image_ids, pa.string())
+    keys = ["image_id", "class_id"]
+    newest = _newest_ranks(read_parts(store, markers, "masks", MASK_SCHEMA, keys), keys)
+    for rank, m in enumerate(markers):
+        keep = None if newest is None else newest.filter(pc.equal(newest.column("_rank"), rank)).select(keys)
+        if keep is not None and keep.num_rows == 0:
+            continue  # every row of this run is superseded
+        for part in m.parts.masks:
+            for batch in _part_file(store, part).iter_batches(batch_size=batch_rows, columns=cols):
+                if wanted is not None:
+                    batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
+                    if batch.num_rows == 0:
+                        continue
+                if keep is None:
+                    yield batch
+                    continue
+                # a semi join keeps the rows whose key is newest in this run
+                yield from pa.Table.from_batches([batch]).join(keep, keys=keys, join_type="left semi") \
+                    .select(cols).to_batches()
+
+
+def read_masks(store: str, columns: list[str] | None = None, image_ids=None) -> pa.Table:
     """Committed rows, the newest run's per (image, class): a pyarrow Table with
-    :data:`MASK_SCHEMA` (or ``columns`` of it), sorted by image and class."""
-    if columns is not None:
-        columns = list(dict.fromkeys([*columns, "image_id", "class_id"]))
-    return _newest(read_parts(store, committed_runs(store), "masks", MASK_SCHEMA, columns), ["image_id", "class_id"])
+    :data:`MASK_SCHEMA` (or ``columns`` of it), sorted by image and class; ``image_ids`` keeps
+    those images only. A store of millions of images is better read with :func:`iter_masks`,
+    with a few ``columns`` or for some ``image_ids``."""
+    cols = _mask_columns(columns)
+    batches = list(iter_masks(store, cols, image_ids=image_ids))
+    table = pa.Table.from_batches(batches, schema=MASK_SCHEMA.empty_table().select(cols).schema)
+    return table.sort_by([("image_id", "ascending"), ("class_id", "ascending")])
 
 
 def read_errors(store: str) -> pa.Table:
     """The newest committed error per image, for images no committed run has labeled."""
-    errors = _newest(read_parts(store, committed_runs(store), "errors", ERROR_SCHEMA), ["image_id"])
-    labeled = read_masks(store, columns=["image_id"]).column("image_id")
-    return errors.filter(pc.invert(pc.is_in(errors.column("image_id"), value_set=labeled)))
+    markers = committed_runs(store)
+    errors = _newest(read_parts(store, markers, "errors", ERROR_SCHEMA), ["image_id"])
+    labeled = pc.unique(read_parts(store, markers, "masks", MASK_SCHEMA, ["image_id"]).column("image_id"))
+    errors = errors.filter(pc.invert(pc.is_in(errors.column("image_id"), value_set=labeled)))
+    return errors.sort_by("image_id")
 
 
-def labeled_ids(store: str, model_version: str | None) -> set[str]:
+def labeled_ids(store: str, model_version: str | None) -> pa.Array:
     """Images some committed run has labeled with ``model_version`` (None: with any model;
-    errors do not count)."""
-    t = read_parts(store, committed_runs(store), "masks", MASK_SCHEMA, ["image_id", "model_version"])
-    if model_version is not None:
-        t = t.filter(pc.equal(t.column("model_version"), model_version))
-    return set(t.column("image_id").to_pylist())
+    errors do not count): a ``pa.string()`` array of unique ids, for ``pc.is_in`` (a Python set of
+    millions of ids would cost ~100 bytes each)."""
+    uniques = []
+    for m in committed_runs(store):
+        if model_version is not None and m.model_version is not None and m.model_version != model_version:
+            continue  # the marker's version is the one its rows carry: skip the run unread
+        for part in m.parts.masks:
+            t = _part_file(store, part).read(columns=["image_id", "model_version"])
+            if model_version is not None:
+                t = t.filter(pc.equal(t.column("model_version"), model_version))
+            uniques.append(pc.unique(t.column("image_id")))
+    if not uniques:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array(uniques, pa.string()))
 
 
 def decode_mask(row: dict) -> np.ndarray:
@@ -493,12 +556,16 @@ class RunWriter:
                                f"{m.errors} errors; not committing it as complete")
         ids = read_parts(self.store, [m], "masks", MASK_SCHEMA, ["image_id", "class_id"])
         errs = read_parts(self.store, [m], "errors", ERROR_SCHEMA, ["image_id"])
-        pairs = set(zip(ids.column("image_id").to_pylist(), ids.column("class_id").to_pylist()))
-        labeled = {i for i, _ in pairs}
-        seen = labeled | set(errs.column("image_id").to_pylist())
-        if len(pairs) != ids.num_rows or seen != set(todo) or len(labeled) + errs.num_rows != len(todo):
+        # in Arrow (hash aggregation, is_in), not Python sets: a run may hold millions of rows
+        pairs = ids.group_by(["image_id", "class_id"]).aggregate([]).num_rows
+        labeled = pc.unique(ids.column("image_id"))
+        seen = pc.unique(pa.chunked_array([labeled, errs.column("image_id").combine_chunks()], pa.string()))
+        wanted = pa.array(todo, pa.string())
+        same = len(seen) == len(pc.unique(wanted)) and bool(pc.all(pc.is_in(wanted, value_set=seen)).as_py()) \
+            if len(wanted) else len(seen) == 0
+        if pairs != ids.num_rows or not same or len(labeled) + errs.num_rows != len(todo):
             raise RuntimeError(f"run {m.run_id}: written rows do not reconcile with the {len(todo)} images to do "
-                               f"({ids.num_rows} mask rows, {len(pairs)} distinct, {errs.num_rows} errors)")
+                               f"({ids.num_rows} mask rows, {pairs} distinct, {errs.num_rows} errors)")
         m.complete, m.end, m.positives = True, now(), list(positives)
         self.lease.check()
         self.marker = commit(self.store, m.run_id, m)

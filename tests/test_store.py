@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from cam2seg import rle, store
@@ -50,12 +51,49 @@ def test_only_committed_parts_count_and_the_newest_run_wins(tmp_path):
     rows = {(r["image_id"], r["class_id"]): r for r in t.to_pylist()}
     assert rows[("b.jpg", 2)]["model_version"] == "v2" and store.decode_mask(rows[("b.jpg", 2)]).sum() == 6
     assert rows[("a.jpg", 2)]["model_version"] == "v1" and store.decode_mask(rows[("a.jpg", 2)]).sum() == 2
-    assert store.labeled_ids(root, "v1") == {"a.jpg", "b.jpg"} and store.labeled_ids(root, "v2") == {"b.jpg"}
+    assert store.labeled_ids(root, "v1").to_pylist() == ["a.jpg", "b.jpg"]
+    assert store.labeled_ids(root, "v2").to_pylist() == ["b.jpg"] and len(store.labeled_ids(root, None)) == 2
     assert store.read_errors(root).column("image_id").to_pylist() == ["c.jpg"]
     _run(root, ["c.jpg"])  # labeled later: no longer an error
     assert store.read_errors(root).num_rows == 0
     assert store.remove_uncommitted(root) == 1
     assert len(store.read_masks(root, columns=["area"]).column_names) == 3
+
+
+def test_streamed_rows_are_read_masks_rows_in_any_batch_size(tmp_path):
+    root = str(tmp_path / "store")
+    _run(root, [f"{i:03d}.jpg" for i in range(30)], fill=1)
+    _run(root, [f"{i:03d}.jpg" for i in range(10, 40)], fill=2, version="v2")  # supersedes 10-29
+    _run(root, ["005.jpg"], fill=3, version="v3")
+    whole = store.read_masks(root)
+    assert whole.num_rows == 40 * 4
+    for batch_rows in (1, 7, 1000):
+        batches = list(store.iter_masks(root, batch_rows=batch_rows))
+        assert all(b.num_rows <= batch_rows for b in batches)
+        streamed = pa.Table.from_batches(batches).sort_by([("image_id", "ascending"), ("class_id", "ascending")])
+        assert streamed.equals(whole)
+    versions = dict(zip(whole.column("image_id").to_pylist(), whole.column("model_version").to_pylist()))
+    assert versions["000.jpg"] == "v1" and versions["005.jpg"] == "v3" and versions["010.jpg"] == "v2"
+    keys = store.read_masks(root, columns=["area"])
+    assert keys.column_names == ["area", "image_id", "class_id"] and keys.num_rows == 160
+    with pytest.raises(ValueError, match="no such store column"):
+        store.read_masks(root, columns=["pixels"])
+    assert list(store.iter_masks(str(tmp_path / "empty"))) == []
+    some = store.read_masks(root, image_ids=["005.jpg", "020.jpg", "nope.jpg"])
+    assert some.equals(whole.filter(pc.is_in(whole.column("image_id"), pa.array(["005.jpg", "020.jpg"]))))
+
+
+def test_finish_refuses_rows_that_do_not_add_up(tmp_path):
+    root = str(tmp_path / "store")
+    for todo, written in ((["a.jpg", "b.jpg"], ["a.jpg", "a.jpg"]),  # a duplicate, and b missing
+                          (["a.jpg"], ["b.jpg"])):  # a foreign image
+        marker = store.RunMarker(run_id=store.new_run_id())
+        with store.RunWriter(root, marker, commit_every=100) as w:
+            part = store.write_part(root, "masks", marker.run_id, _masks(written, marker.run_id))
+            w.add(store.Part(**part), None, len(todo), 0)
+            with pytest.raises(RuntimeError, match="do not reconcile"):
+                w.finish(todo, [1, 1, 1, 1])
+    assert store.committed_runs(root) == []
 
 
 def test_marker_row_counts_are_checked(tmp_path):

@@ -51,7 +51,9 @@ def store_pair_dice(store_url: str, archive: Archive, true_area: np.ndarray) -> 
     ``int[N, C]``) for every archive image, ``held bool[N]``: the images the store has rows of).
     Dice of images the store lacks is that of empty masks: score ``held`` images only
     (:func:`store_row`)."""
-    table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "height", "width"])
+    # the archive's images only: the store may hold millions more (pseudo-labeled, no truth)
+    table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "height", "width"],
+                             image_ids=archive.image_ids)
     t = table.to_pydict()
     pred = {(i, c): (e, h, w) for i, c, e, h, w in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
                                                          t["height"], t["width"])}

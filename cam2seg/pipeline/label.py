@@ -262,11 +262,13 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
         if writer.removed:
             _log.info(f"removed {writer.removed} uncommitted part(s) left by an earlier crashed run")
         skip = (incremental or new_only) and not relabel
-        done = store.labeled_ids(store_url, None if new_only else card.version) if skip else set()
-        todo = [k for k in keys if k not in done]
+        listed = pa.array(keys, pa.string())
+        done = pc.is_in(listed, value_set=store.labeled_ids(store_url, None if new_only else card.version)) \
+            if skip else pa.array(np.zeros(len(keys), bool))
+        todo = listed.filter(pc.invert(done)).to_pylist()
         marker.to_do = len(todo)
         by = "any model" if new_only else f"model {card.version}"
-        _log.info(f"{len(keys)} images under {images}; {len(done & set(keys))} already labeled by {by}; "
+        _log.info(f"{len(keys)} images under {images}; {len(keys) - len(todo)} already labeled by {by}; "
                   f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
         positives = np.zeros(card.num_classes, np.int64)
         if todo:

@@ -206,16 +206,16 @@ def _sweeps(model_card, seg_cards: dict) -> dict:
     return curves
 
 
-def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_models, seg_models, store_dice,
-             examples: int, w: _Pictures) -> list[dict]:
-    """Per class, the picked images as rows of captioned panels."""
+def _gallery(archive: Archive | None, images_prefix: str | None, store_url: str, table, cls_models, seg_models,
+             store_dice, examples: int, w: _Pictures) -> list[dict]:
+    """Per class, the picked images as rows of captioned panels; ``table``: the store's rows
+    without their masks (image_id, class_id, score, area)."""
     t = table.to_pydict()
-    rows = {(i, c): (e, s, h, wd) for i, c, e, s, h, wd in zip(t["image_id"], t["class_id"], t["encoded_pixels"],
-                                                                t["score"], t["height"], t["width"])}
+    rows = {(i, c): (a, s) for i, c, a, s in zip(t["image_id"], t["class_id"], t["area"], t["score"])}
     class_ids = sorted({c for _, c in rows})
     has_truth = archive is not None and archive.has_masks
     ta = archive.true_areas() if has_truth and store_dice is not None else None
-    out = []
+    chosen = []
     for cid in class_ids:
         if ta is not None:
             col = archive.class_ids.index(cid)
@@ -224,10 +224,16 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             values = store_dice[cand, col] if cand else np.zeros(0)
             how = "Dice of the stored pseudo-mask against the true mask"
         else:
-            ids = sorted(i for (i, c), r in rows.items() if c == cid and r[0])
+            ids = sorted(i for (i, c), r in rows.items() if c == cid and r[0] > 0)
             values = np.array([rows[(i, cid)][1] for i in ids])
             how = "class score (no true masks: most confident, typical and least confident masked images)"
-        picks = pick_examples(values, examples)
+        chosen.append((cid, how, ids, values, pick_examples(values, examples)))
+    # only the picked images' masks are read: the store may hold millions
+    picked = sorted({ids[p] for _, _, ids, _, picks in chosen for p, _ in picks})
+    enc = store.read_masks(store_url, columns=["encoded_pixels"], image_ids=picked).to_pydict()
+    rles = {(i, c): e for i, c, e in zip(enc["image_id"], enc["class_id"], enc["encoded_pixels"])}
+    out = []
+    for cid, how, ids, values, picks in chosen:
         section = {"class_id": cid, "how": how, "candidates": len(ids), "examples": []}
         for j, (p, label) in enumerate(picks):
             iid = ids[p]
@@ -235,8 +241,8 @@ def _gallery(archive: Archive | None, images_prefix: str | None, table, cls_mode
             img = io.decode_image(io.read_bytes(url))
             img = np.array(img if img.ndim == 2 else preprocess.prepare(img, img.shape[:2]))  # writable, for torch
             h, wd = img.shape[:2]
-            enc, score, _, _ = rows[(iid, cid)]
-            pseudo = rle.decode(enc, h, wd) if enc else np.zeros((h, wd), bool)
+            score, code = rows[(iid, cid)][1], rles[(iid, cid)]
+            pseudo = rle.decode(code, h, wd) if code else np.zeros((h, wd), bool)
             color = overlay.CLASS_COLORS[(cid - 1) % len(overlay.CLASS_COLORS)]
             truth = archive.masks(iid, (h, wd))[archive.class_ids.index(cid)] if has_truth else None
             panels = [("image", img)]
@@ -373,8 +379,7 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
         ctx["sweep_objective"] = objective
         sections.append("threshold sweep")
     if store_url:
-        table = store.read_masks(store_url, columns=["image_id", "class_id", "encoded_pixels", "score", "height",
-                                                     "width"])
+        table = store.read_masks(store_url, columns=["image_id", "class_id", "score", "area"])
         t = table.to_pydict()
         ids = sorted(set(t["image_id"]))
         pos = {iid: i for i, iid in enumerate(ids)}
@@ -392,7 +397,7 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
             _log.info("report: gallery")
             cls = _load_predictor(model, dev) if model_card is not None else None
             segs = {url.rstrip("/").rsplit("/", 1)[-1]: _load_predictor(url, dev) for url in seg_cards}
-            ctx["gallery"] = _gallery(arch, newest.images, table, cls, segs, store_dice, examples, w)
+            ctx["gallery"] = _gallery(arch, newest.images, store_url, table, cls, segs, store_dice, examples, w)
             sections.append("gallery")
     else:
         ctx["notes"].append("no label store given: no score distributions or gallery")

@@ -1,0 +1,202 @@
+"""The label store at the mission's scale: time and peak memory of each store operation.
+
+``store`` builds a synthetic store of ``--images`` images x 4 classes directly as Parquet parts
+(no CAM: the label job's layout, ``images_per_file`` 2000 images per part, one error part per
+run), in two runs: the first labels every image, the second relabels ``--relabel`` of them with
+another model version (so the newest-run-wins path is exercised). Mask strings are real Kaggle
+RLE of Severstal-sized (256x1600) masks whose size follows ``shared/severstal_mask_stats.md``
+(about half the images clean, mask widths of tens to ~1,500 columns): a pool of distinct
+strings sampled with replacement, so the files compress better than real ones, while memory
+once read is that of real strings. Then each operation runs in a fresh process, and the bench
+prints its wall time, the process's resident memory when it starts (imports and the ids it is
+given) and the process's peak resident memory.
+
+    PYTHONPATH=. .venv/bin/python bench/scale.py store [--images 1000000] [--dir DIR]
+
+Goal (issue 18): each operation < 60 s and < 2 GB peak on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from cam2seg import rle, store
+
+H, W, CLASSES = 256, 1600, (1, 2, 3, 4)
+PER_PART = 2000
+#: per class: share of images with it, and the median mask width / height in pixels
+GEOMETRY = {1: (0.073, 52, 160), 2: (0.028, 22, 172), 3: (0.405, 325, 254), 4: (0.060, 458, 219)}
+
+
+def rle_pool(rng: np.random.Generator, n: int = 1000) -> dict[int, list[str]]:
+    """Per class, ``n`` Kaggle RLE strings of masks of 1-3 components, each a band of columns
+    whose top and bottom edges wander (one run per column and component, as in real masks)."""
+    pool = {}
+    for c, (_, width, height) in GEOMETRY.items():
+        out = []
+        for _ in range(n):
+            m = np.zeros((H, W), bool)
+            for _ in range(int(rng.integers(1, 4))):
+                w = int(np.clip(rng.lognormal(np.log(width), 0.9), 4, W))
+                h = int(np.clip(rng.lognormal(np.log(height), 0.3), 8, H))
+                x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+                top = np.clip(y0 + np.cumsum(rng.integers(-2, 3, w)), 0, H - 2)
+                bottom = np.clip(top + h + np.cumsum(rng.integers(-2, 3, w)), top + 1, H)
+                rows = np.arange(H)[:, None]
+                m[:, x0 : x0 + w] |= (rows >= top[None]) & (rows < bottom[None])
+            out.append(rle.encode(m))
+        pool[c] = out
+    return pool
+
+
+def build_store(root: str, images: int, relabel: int, seed: int = 0) -> dict:
+    """Write the synthetic store; returns what the operations need (a few ids, the first run)."""
+    rng = np.random.default_rng(seed)
+    pool = rle_pool(rng)
+    ids = np.array([f"{i:08d}.jpg" for i in range(images)], dtype=object)
+    runs = []
+    for version, chosen in (("v1", ids), ("v2", ids[rng.permutation(images)[:relabel]])):
+        run_id = store.new_run_id()
+        masks, errors, positives = [], [], np.zeros(len(CLASSES), np.int64)
+        for s in range(0, len(chosen), PER_PART):
+            part_ids = chosen[s : s + PER_PART]
+            n = len(part_ids)
+            cols = {"image_id": pa.array(np.repeat(part_ids, len(CLASSES)), pa.string()),
+                    "class_id": pa.array(np.tile(np.array(CLASSES, np.int8), n), pa.int8())}
+            enc = np.empty((n, len(CLASSES)), dtype=object)
+            for k, c in enumerate(CLASSES):
+                has = rng.random(n) < GEOMETRY[c][0]
+                positives[k] += has.sum()
+                picks = rng.integers(0, len(pool[c]), n)
+                enc[:, k] = [pool[c][p] if h else "" for p, h in zip(picks, has)]
+            area = np.where(enc != "", rng.integers(500, 100_000, enc.shape), 0)
+            cols.update({
+                "encoded_pixels": pa.array(enc.ravel(), pa.string()),
+                "score": pa.array(rng.random(n * len(CLASSES)).astype(np.float32)),
+                "area": pa.array(area.ravel().astype(np.int32)),
+                "height": pa.array(np.full(n * len(CLASSES), H, np.int16)),
+                "width": pa.array(np.full(n * len(CLASSES), W, np.int16)),
+                "model_version": pa.array([version] * (n * len(CLASSES)), pa.string()),
+                "run_id": pa.array([run_id] * (n * len(CLASSES)), pa.string()),
+            })
+            masks.append(store.write_part(root, "masks", run_id, pa.table(cols, schema=store.MASK_SCHEMA)))
+        bad = [f"bad-{version}-{i:05d}.jpg" for i in range(max(1, len(chosen) // 1000))]
+        errors.append(store.write_part(root, "errors", run_id, pa.table(
+            {"image_id": bad, "uri": [f"s3://b/{b}" for b in bad], "error": ["undecodable"] * len(bad),
+             "run_id": [run_id] * len(bad)}, schema=store.ERROR_SCHEMA)))
+        store.commit(root, run_id, {"model": "s3://models/m", "model_version": version, "listed": len(chosen),
+                                    "to_do": len(chosen), "labeled": len(chosen), "errors": len(bad),
+                                    "complete": True, "parts": {"masks": masks, "errors": errors},
+                                    "positives": positives.tolist()})
+        runs.append((run_id, [str(i) for i in chosen] + bad))
+    return {"sample": [str(i) for i in ids[rng.integers(0, images, 12)]], "first_run": runs[0]}
+
+
+def _op_committed_runs(root, ctx):
+    return f"{len(store.committed_runs(root))} runs"
+
+
+def _op_labeled_ids(root, ctx):
+    return f"{len(store.labeled_ids(root, 'v1'))} ids of v1, {len(store.labeled_ids(root, None))} of any model"
+
+
+def _op_skip(root, ctx):
+    import pyarrow.compute as pc
+
+    listed = pa.array([f"{i:08d}.jpg" for i in range(ctx["images"] + ctx["images"] // 10)], pa.string())
+    done = pc.is_in(listed, value_set=store.labeled_ids(root, None))
+    return f"{len(listed)} listed, {len(listed) - pc.sum(done).as_py()} to do (the label job's skip step)"
+
+
+def _op_read_keys(root, ctx):
+    t = store.read_masks(root, columns=["score", "area"])
+    return f"{t.num_rows} rows, {t.nbytes / 2**20:.0f} MiB (the report's histograms)"
+
+
+def _op_iter_all(root, ctx):
+    rows = nbytes = 0
+    for b in store.iter_masks(root):
+        rows, nbytes = rows + b.num_rows, nbytes + b.nbytes
+    return f"{rows} rows, {nbytes / 2**30:.2f} GiB streamed"
+
+
+def _op_read_some(root, ctx):
+    return f"{store.read_masks(root, image_ids=ctx['sample']).num_rows} rows of 12 images (the gallery)"
+
+
+def _op_read_errors(root, ctx):
+    return f"{store.read_errors(root).num_rows} error rows"
+
+
+def _op_reconcile(root, ctx):
+    run_id, todo = ctx["first_run"]
+    m = next(m for m in store.committed_runs(root) if m.run_id == run_id)
+    m = m.model_copy(update={"complete": False})
+    with store.RunWriter(root, m, commit_every=10**9) as w:
+        w.finish(todo, m.positives or [0, 0, 0, 0])
+    return f"run of {len(todo)} images reconciled and recommitted"
+
+
+def _op_remove_uncommitted(root, ctx):
+    return f"{store.remove_uncommitted(root)} parts removed"
+
+
+OPS = {"committed_runs": _op_committed_runs, "labeled_ids (v1, any)": _op_labeled_ids,
+       "label job skip (is_in)": _op_skip, "read_masks(score, area)": _op_read_keys,
+       "iter_masks (all columns)": _op_iter_all, "read_masks(12 image ids)": _op_read_some,
+       "read_errors": _op_read_errors, "RunWriter.finish (reconcile)": _op_reconcile,
+       "remove_uncommitted": _op_remove_uncommitted}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _child(name, root, ctx, out):
+    start = _rss_mib()
+    t0 = time.perf_counter()
+    what = OPS[name](root, ctx)
+    # ru_maxrss: the process's peak resident set, in KiB on Linux
+    out.put((time.perf_counter() - t0, start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, what))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["store"])
+    ap.add_argument("--images", type=int, default=1_000_000)
+    ap.add_argument("--relabel", type=float, default=0.1, help="share of images the second run relabels")
+    ap.add_argument("--dir", help="where to build the store (default: a temp folder, removed afterwards)")
+    args = ap.parse_args()
+    tmp = None if args.dir else tempfile.mkdtemp(prefix="c2s-scale-")
+    root = args.dir or f"{tmp}/store"
+    try:
+        t0 = time.perf_counter()
+        ctx = build_store(root, args.images, int(args.images * args.relabel))
+        ctx["images"] = args.images
+        print(f"built {args.images} images x {len(CLASSES)} classes in {time.perf_counter() - t0:.0f} s "
+              f"({args.images // PER_PART + 1} + {int(args.images * args.relabel) // PER_PART + 1} parts)")
+        spawn = mp.get_context("spawn")
+        print(f"{'operation':32s} {'seconds':>8s} {'start MiB':>9s} {'peak MiB':>9s}  result")
+        for name in OPS:
+            q = spawn.Queue()
+            p = spawn.Process(target=_child, args=(name, root, ctx, q))
+            p.start()
+            seconds, start, peak, what = q.get()
+            p.join()
+            print(f"{name:32s} {seconds:8.1f} {start:9.0f} {peak:9.0f}  {what}")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
