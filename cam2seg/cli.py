@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="MODEL", help="artifact folder to write (any fsspec URL)")
     config_flags(p, "classifier", [("folds", {"metavar": "K"}), "epochs", "size", ("encoder", {"metavar": "NAME"}),
                                    "output_stride", "batch_size", ("seed", {"metavar": "S"})])
-    p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this model")
+    p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this classifier")
     _add_config(p)
     p.set_defaults(func=cmd_train_classifiers)
 

@@ -10,7 +10,8 @@ from cam2seg import artifact
 from cam2seg.train import state, swa
 from cam2seg.models.classifier import Classifier, create_classifier, load_fold_models
 from cam2seg.config import ClassifierConfig
-from cam2seg.train.classifier_loop import make_optimizer, make_scheduler
+from cam2seg.train.classifier_task import param_groups
+from cam2seg.train.loop import make_optimizer, make_scheduler
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "resnet10t"])
@@ -78,7 +79,7 @@ def test_topk_keeps_best_and_averages():
 def test_learning_rate_halves_after_three_epochs_without_improvement():
     cfg = ClassifierConfig(plateau_epochs=3)
     m = Classifier("resnet10t", hidden=8)
-    opt = make_optimizer(m, cfg)
+    opt = make_optimizer(param_groups(m, cfg))
     sched = make_scheduler(opt, cfg)
     lrs = []
     for loss in [1.0, 0.8, 0.9, 0.85, 0.81, 0.82, 0.7]:
@@ -91,13 +92,13 @@ def test_learning_rate_halves_after_three_epochs_without_improvement():
 
 def test_optimizer_state_round_trip_without_pickle(tmp_path):
     m = Classifier("resnet10t", hidden=8)
-    opt = make_optimizer(m, ClassifierConfig())
+    opt = make_optimizer(param_groups(m, ClassifierConfig()))
     m(torch.randn(2, 3, 32, 64)).sum().backward()
     opt.step()
     tensors, meta = state.optimizer_to_flat(opt)
     state.save_tensors(str(tmp_path / "o.safetensors"), tensors)
     (tmp_path / "o.json").write_text(json.dumps(meta))
-    opt2 = make_optimizer(m, ClassifierConfig())
+    opt2 = make_optimizer(param_groups(m, ClassifierConfig()))
     state.optimizer_from_flat(opt2, state.load_tensors(str(tmp_path / "o.safetensors")),
                               json.loads((tmp_path / "o.json").read_text()))
     a, b = opt.state_dict(), opt2.state_dict()

@@ -82,4 +82,4 @@ def test_rerun_reuses_the_finished_model(trained, log_lines):
     with log_lines() as messages:
         card = train_classifiers(trained["data"], trained["out"], trained["cfg"])
     assert card.version == trained["card"].version
-    assert any("already holds this model" in m for m in messages)
+    assert any("already holds this classifier" in m for m in messages)

@@ -73,7 +73,7 @@ def test_demo_rerun_resumes_without_redoing_work(demo):
     assert demo["rc2"] == 0, demo["err2"][-3000:]
     out = demo["out2"] + demo["err2"]
     assert "archive already present" in out
-    assert "already holds this model" in out
+    assert "already holds this classifier" in out
     assert out.count("already holds this segmenter") == 2
     assert "already evaluated" in out
     assert "labeled now: 0;" in out  # incremental: the same model version labeled everything already

@@ -19,16 +19,16 @@ import numpy as np
 from .. import __version__, io, metrics
 from ..train import state
 from ..archive import Archive
-from ..artifact import ModelCard, load_card, write_artifact
+from ..artifact import ModelCard, write_artifact
 from ..models.classifier import create_classifier
 from ..postprocess import card_default
 from ..config import ClassifierConfig
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..folds import make_folds
-from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
-from ..raycluster import ensure_ray, gpus_or_auto
-from ..train.classifier_loop import OOF_FILE, SWA_FILE, train_fold_loop
-from ..train.loop import FINAL_FILE
+from ..train import manifest
+from ..train.classifier_task import OOF_FILE
+from ..train.fold_runner import RUNTIME_ONLY, done_url, drop_checkpoints, fit_folds, trained_card
+from ..train.loop import FINAL_FILE, SWA_FILE
 
 __all__ = ["train_classifiers", "run_key"]
 
@@ -58,41 +58,17 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     # Fail here, not in every fold's worker: the encoder must exist and take the stride.
     create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride, cfg.pool)
     key = run_key(cfg, archive)
-    if not force and io.exists(io.join(out, "model.json")):
-        card = load_card(out)
-        if card.training.run_key == key:
-            _log.info(f"{out} already holds this model (run {key}, version {card.version}); use --force to retrain")
-            return card
+    card = trained_card(out, key, force)
+    if card is not None:
+        return card
     folds = make_folds(archive.labels, cfg.folds, cfg.seed)
     work = io.join(out, "_train", key)
-    ensure_ray()
-    gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
-    urls = [archive.image_url(i) for i in archive.image_ids]
-    configs = {}
-    for k in range(cfg.folds):
-        if fold_done(work, k):
-            _log.info(f"fold {k}: finished in an earlier run, reusing it")
-            continue
-        tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        configs[k] = {
-            "classifier": cfg.model_dump(mode="json"),
-            "fold": k,
-            "train_urls": [urls[i] for i in tr],
-            "val_urls": [urls[i] for i in va],
-            "train_labels": archive.labels[tr].tolist(),
-            "val_labels": archive.labels[va].tolist(),
-            "val_ids": [archive.image_ids[i] for i in va],
-        }
-    _log.info(f"training {len(configs)} of {cfg.folds} folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, "
-              f"{cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; "
-              f"checkpoints under {work}/runs")
-    run_folds(train_fold_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,
-              max_failures=cfg.max_failures, staged=(SWA_FILE, OOF_FILE), t0=t0)
-
+    table = manifest.manifest_table(archive.image_ids, [archive.image_url(i) for i in archive.image_ids], folds,
+                                    archive.labels)
+    fit_folds("classifier", cfg, table, work, cfg.folds, extra={"num_classes": c}, staged=(SWA_FILE, OOF_FILE),
+              what=f"folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}", t0=t0)
     card = _assemble(out, work, archive, folds, cfg, key)
-    if not cfg.keep_checkpoints:
-        fs, path = io.filesystem(io.join(out, "_train"))
-        fs.rm(path, recursive=True)
+    drop_checkpoints(out, cfg)
     _log.info(f"wrote {out} (version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import hashlib
-import json
 import time
 
 import numpy as np
@@ -22,16 +21,15 @@ import numpy as np
 from .. import __version__, io, store
 from ..train import state
 from ..archive import Archive, ArchiveError
-from ..artifact import ArtifactError, ModelCard, load_card, write_artifact
+from ..artifact import ModelCard, write_artifact
 from ..config import SegmenterConfig
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from ..train.fold_runner import RUNTIME_ONLY, done_url, fold_done, run_folds
+from ..train import manifest
+from ..train.fold_runner import config_digest, done_url, drop_checkpoints, fit_folds, trained_card
 from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
-from ..raycluster import ensure_ray, gpus_or_auto
 from ..models.segmenter import create_segmenter
 from ..postprocess import card_default
-from ..train.segmenter_loop import SWA_FILE, train_segmenter_loop
-from ..train.loop import FINAL_FILE
+from ..train.loop import FINAL_FILE, SWA_FILE
 
 __all__ = ["train_segmenter", "mask_targets"]
 
@@ -83,21 +81,17 @@ def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict)
         except (FileNotFoundError, ValueError, OSError):
             known = {}
         if known and all(i in known for i in ids):
-            _log.info(f"using the folds of {model} (the classifier that made the pseudo-masks)")
+            _log.info(f"using the folds of {model} (the model that made the pseudo-masks)")
             return np.array([known[i] for i in ids], np.int64)
         _log.warning(f"warning: the folds of {model} do not cover the archive; making new ones")
     labels = archive.labels[[archive.index(i) for i in ids]]
     return make_folds(labels, cfg.folds or 5, cfg.seed)
 
 
-def _run_key(cfg: SegmenterConfig, ids, rles, labels, folds) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_ONLY), sort_keys=True).encode())
-    h.update("\n".join(ids).encode())
-    h.update("\n".join("|".join(r) for r in rles).encode())
-    h.update(labels.tobytes())
-    h.update(np.asarray(folds, np.int64).tobytes())
-    return h.hexdigest()[:12]
+def _run_key(cfg: SegmenterConfig, table) -> str:
+    """What determines the weights: the config and the manifest's rows (ids, folds, labels,
+    masks; not the images' location)."""
+    return hashlib.sha256((config_digest(cfg) + manifest.table_digest(table)).encode()).hexdigest()[:12]
 
 
 def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False) -> ModelCard:
@@ -120,39 +114,16 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         raise ValueError(f"{len(ids)} images are too few for {k_folds} folds")
     size = tuple(cfg.size or shapes[0])
     refine = masks != "truth"
-    key = _run_key(cfg, ids, rles, labels, folds)
-    if not force and io.exists(io.join(out, "model.json")):
-        try:
-            card = load_card(out)
-        except ArtifactError:
-            card = None
-        if card is not None and card.training.run_key == key:
-            _log.info(f"{out} already holds this segmenter (run {key}, version {card.version}); use --force to retrain")
-            return card
+    table = manifest.manifest_table(ids, [archive.image_url(i) for i in ids], folds, labels, rles, shapes)
+    key = _run_key(cfg, table)
+    card = trained_card(out, key, force)
+    if card is not None:
+        return card
     work = io.join(out, "_train", key)
-    ensure_ray()
-    gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
-    urls = [archive.image_url(i) for i in ids]
-    configs = {}
-    for k in range(k_folds):
-        if fold_done(work, k):
-            _log.info(f"fold {k}: finished in an earlier run, reusing it")
-            continue
-        tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        configs[k] = {
-            "segmenter": cfg.model_dump(mode="json"), "fold": k, "size": list(size), "num_classes": c,
-            "train_urls": [urls[i] for i in tr], "val_urls": [urls[i] for i in va],
-            "train_rles": [rles[i] for i in tr], "val_rles": [rles[i] for i in va],
-            "train_shapes": [shapes[i] for i in tr], "val_shapes": [shapes[i] for i in va],
-            "train_labels": labels[tr].tolist() if refine else None,
-            "val_labels": labels[va].tolist() if refine else None,
-        }
     what = "true masks" if not refine else f"pseudo-masks of {masks}"
-    _log.info(f"training {len(configs)} of {k_folds} fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what}: "
-              f"{len(ids)} images at {size[0]}x{size[1]}, {cfg.epochs} epochs, {cfg.workers_per_fold} worker(s) per fold, "
-              f"{gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
-    run_folds(train_segmenter_loop, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker,
-              gpus=gpus, max_failures=cfg.max_failures, staged=(SWA_FILE,), t0=t0)
+    fit_folds("segmenter", cfg, table, work, k_folds, staged=(SWA_FILE,), t0=t0,
+              extra={"num_classes": c, "size": list(size), "refine": refine},
+              what=f"fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what} at {size[0]}x{size[1]}")
 
     states, fold_info = [], []
     for k in range(k_folds):
@@ -173,8 +144,6 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         data={"archive": archive.root, "source": archive.source, "images": len(ids), "image_size": list(shapes[0])},
     )
     card = write_artifact(out, card, states, extra={FOLDS_FILE: folds_csv(ids, folds)})
-    if not cfg.keep_checkpoints:
-        fs, path = io.filesystem(io.join(out, "_train"))
-        fs.rm(path, recursive=True)
+    drop_checkpoints(out, cfg)
     _log.info(f"wrote {out} (segmenter, version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card

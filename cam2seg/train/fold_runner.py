@@ -16,7 +16,9 @@ of what determines the weights into ``work``, so a changed config starts afresh.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import os
 import time
@@ -25,7 +27,8 @@ from typing import Callable
 from .. import io, logs
 from .loop import FINAL_FILE
 
-__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "fold_env_vars"]
+__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "fold_env_vars", "fit_folds", "trained_card",
+           "drop_checkpoints", "config_digest", "fold_configs"]
 
 _log = logging.getLogger(__name__)
 
@@ -165,3 +168,68 @@ def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: i
                 last_note = time.perf_counter()
     finally:
         relay.close()
+
+
+def config_digest(cfg) -> str:
+    """A hash of a stage's config without the settings in :data:`RUNTIME_ONLY` (for run keys)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_ONLY), sort_keys=True).encode()
+                          ).hexdigest()
+
+
+def trained_card(out: str, key: str, force: bool):
+    """The card at ``out`` when it was trained by run ``key`` (nothing to do), else None."""
+    from ..artifact import ArtifactError, load_card
+
+    if force or not io.exists(io.join(out, "model.json")):
+        return None
+    try:
+        card = load_card(out)
+    except ArtifactError:
+        return None
+    if card.training.run_key != key:
+        return None
+    _log.info(f"{out} already holds this {card.kind} (run {key}, version {card.version}); use --force to retrain")
+    return card
+
+
+def fold_configs(task: str, cfg, manifest_url: str, k_folds: int, folds: list[int], extra: dict) -> dict[int, dict]:
+    """Fold -> loop config for :func:`cam2seg.train.loop.train_loop_per_worker`: the task, its
+    config section, the fold and the manifest's URL, and ``extra``; nothing per image, so its
+    size does not grow with the archive."""
+    return {k: {"task": task, task: cfg.model_dump(mode="json"), "fold": k, "folds": k_folds,
+                "manifest": manifest_url, **extra} for k in folds}
+
+
+def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, staged: tuple[str, ...], what: str,
+              t0: float | None = None) -> None:
+    """Train the folds of ``work`` (``<out>/_train/<run key>``) that are not done yet, side by side.
+
+    ``task``: a name in :data:`cam2seg.train.tasks.TASKS`, whose section ``cfg`` is; ``table``: the
+    run's manifest (:func:`cam2seg.train.manifest.manifest_table`), written once under
+    ``<work>/manifest`` and read by the workers; ``extra``: the task's loop config keys; ``what``:
+    the start of the log line saying what trains."""
+    from ..raycluster import ensure_ray, gpus_or_auto
+    from . import manifest
+    from .loop import train_loop_per_worker
+
+    ensure_ray()
+    gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
+    url = manifest.write_manifest(io.join(work, "manifest"), table)
+    todo = []
+    for k in range(k_folds):
+        if fold_done(work, k):
+            _log.info(f"fold {k}: finished in an earlier run, reusing it")
+        else:
+            todo.append(k)
+    configs = fold_configs(task, cfg, url, k_folds, todo, extra)
+    _log.info(f"training {len(configs)} of {k_folds} {what}: {table.num_rows} images, {cfg.epochs} epochs, "
+              f"{cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
+    run_folds(train_loop_per_worker, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,
+              max_failures=cfg.max_failures, staged=staged, t0=t0)
+
+
+def drop_checkpoints(out: str, cfg) -> None:
+    """Remove ``<out>/_train`` (checkpoints, staged folds, manifest) unless ``cfg.keep_checkpoints``."""
+    if not cfg.keep_checkpoints:
+        fs, path = io.filesystem(io.join(out, "_train"))
+        fs.rm(path, recursive=True)

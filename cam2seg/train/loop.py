@@ -1,4 +1,12 @@
-"""What every fold training loop shares: mixed precision, checkpoints, BatchNorm refresh.
+"""The one fold training loop both stages run, and what it is made of.
+
+:func:`train_loop_per_worker` is Ray Train's worker function for any fold of either stage: seeding,
+mixed precision, DDP, resume (:class:`FoldState`), epochs with seeded batch order and augmentation,
+the learning rate halved on a validation plateau, the top-k keeper, a checkpoint per epoch, the
+weight average at the end and a final checkpoint. What differs between stages (model, targets,
+loss, validation metrics, what the final checkpoint carries) comes from a task object
+(:mod:`cam2seg.train.tasks`). The loop config names the task, the fold and the run's manifest
+(:mod:`cam2seg.train.manifest`); nothing in it is per image.
 
 A checkpoint is a folder of safetensors files (model, optimizer tensors, the top-k weight
 snapshots) and one JSON file (epoch, history, optimizer and scheduler scalars), so resuming
@@ -13,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +30,10 @@ import torch
 from .. import logs, preprocess
 from . import state, swa
 
-__all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState"]
+__all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState",
+           "train_loop_per_worker", "SWA_FILE", "Validation", "Finish", "make_optimizer", "make_scheduler"]
+
+SWA_FILE = "swa.safetensors"
 
 FINAL_FILE = "final.json"
 _STATE_FILE = "state.json"
@@ -109,6 +121,38 @@ def update_bn(model, images: np.ndarray, batch_size: int, device, mean=preproces
         bn.momentum = momenta[bn]
 
 
+@dataclass
+class Validation:
+    """A task's validation of one epoch: the loss the plateau and the keeper follow, extra
+    history fields (e.g. ``{"auc": [...]}``) and the text the epoch line gets after the loss."""
+
+    loss: float
+    metrics: dict = field(default_factory=dict)
+    text: str = ""
+
+
+@dataclass
+class Finish:
+    """What a task's last step adds to the final checkpoint: the averaged model's validation
+    loss, extra ``final.json`` fields, and JSON files by name."""
+
+    loss: float
+    final: dict = field(default_factory=dict)
+    jsons: dict = field(default_factory=dict)
+
+
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """Adam over a task's parameter groups (each with its own ``lr``)."""
+    return torch.optim.Adam(groups)
+
+
+def make_scheduler(opt, cfg):
+    """Multiply every learning rate by ``cfg.lr_factor`` once validation loss has not improved
+    for ``cfg.plateau_epochs`` epochs. torch counts patience after the first bad epoch, hence the -1."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
+                                                      patience=cfg.plateau_epochs - 1)
+
+
 def make_scaler(amp: bool):
     """A gradient scaler for fp16 autocast (bf16 needs none); None without mixed precision."""
     return torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
@@ -170,3 +214,76 @@ class FoldState:
                     json.dump(obj, f)
             save_checkpoint(d, self.core, self.opt, self.sched, self.keeper, self.history, epoch, final=final)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker function for one fold of either stage. ``config``: ``task`` (a name in
+    :data:`cam2seg.train.tasks.TASKS`), the task's config section under that name (a dict),
+    ``fold``, ``folds``, ``manifest`` (URL), and the task's own keys (see each task)."""
+    import ray.train
+    import ray.train.torch
+
+    from . import data, manifest
+    from .tasks import TASKS
+
+    task = TASKS[config["task"]](config)
+    cfg = task.cfg
+    quiet_ray_reports()
+    fold = int(config["fold"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    amp = cfg.mixed_precision and device.type == "cuda"
+    say = fold_say(f"[{task.log_name} {fold}]", rank)
+
+    model = ray.train.torch.prepare_model(task.create_model())
+    core = model.module if hasattr(model, "module") else model
+    opt = make_optimizer(task.param_groups(core))
+    fs = FoldState(core, opt, make_scheduler(opt, cfg), swa.TopK(cfg.swa_epochs), make_scaler(amp), rank)
+    if not fs.resume(say, cfg.epochs):
+        return
+    start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
+
+    t_load = time.perf_counter()
+    train_rows, val_rows = manifest.read_fold(config["manifest"], fold, int(config["folds"]))
+    x_train, y_train = task.decode(train_rows)
+    x_val, y_val = task.decode(val_rows)
+    say(f"loaded {len(x_train)} training and {len(x_val)} validation images at {x_train.shape[1]}x{x_train.shape[2]} "
+        f"in {time.perf_counter() - t_load:.1f}s{task.load_note(y_train)}; device {device}, {world} worker(s)")
+    augment = data.build_augment(cfg.augment, seed=cfg.seed * 1000 + fold + 7919 * start)
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total, seen = 0.0, 0
+        for idx in data.epoch_batches(len(x_train), cfg.batch_size, epoch, cfg.seed * 1000 + fold, rank, world):
+            imgs, tgts = task.augment(augment, x_train[idx], y_train[idx])
+            x = preprocess.to_input(imgs, device=device)
+            y = torch.from_numpy(np.ascontiguousarray(tgts)).to(device)
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, amp):
+                logits = model(x)
+            loss = task.loss(logits.float(), y)
+            fs.step(loss)
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        train_loss = total / max(seen, 1)
+        val = task.validate(core, x_val, y_val, device, amp)
+        lrs = [g["lr"] for g in opt.param_groups]
+        sched.step(val.loss)
+        kept = keeper.offer(val.loss, epoch, core.state_dict())
+        secs = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, **val.metrics,
+                        **task.lr_fields(lrs), "seconds": secs, "kept": kept})
+        say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val.loss:.4f}{val.text} "
+            f"lr {'/'.join(f'{lr:.1e}' for lr in lrs)} {secs:.1f}s {seen * world / secs:.1f} img/s")
+        fs.report({"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val.loss}, epoch)
+
+    core.load_state_dict(keeper.average())
+    end = task.finish(core, keeper, x_train, x_val, y_val, val_rows, device, amp, say)
+    final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": end.loss, "history": history,
+             **end.final}
+    fs.report({"fold": fold, "epoch": cfg.epochs, "val_loss": end.loss, "final": True}, cfg.epochs - 1, final=final,
+              tensors={SWA_FILE: core.state_dict()}, jsons=end.jsons)

@@ -1,0 +1,97 @@
+"""A training run's manifest: one row per image, as fold-partitioned Parquet in the run's folder.
+
+The driver builds it once per run (:func:`manifest_table`, :func:`write_manifest`); each fold's
+workers read their own rows (:func:`read_fold`). A fold's loop config therefore carries the
+manifest's URL and the fold number, and nothing per image, whatever the archive's size.
+
+Columns (:data:`BASE_SCHEMA`, and :data:`MASK_COLUMNS` for the segmenter):
+
+* ``index`` int32 (the image's position in the run's image list: training rows are read in this
+  order, so a fold sees its images in the same order whatever the partitioning),
+  ``image_id`` string, ``uri`` string (the image's fsspec URL), ``fold`` int8;
+* ``labels`` list<uint8>, the image-level label per class (the archive's class order);
+* ``height``, ``width`` int16 and ``rles`` list<string> (Kaggle RLE per class at
+  ``(height, width)``, "" for an empty mask), for the segmenter.
+
+Layout: ``<url>/fold=<k>/part-0.parquet`` for every fold k, then ``<url>/_complete``. A
+manifest without ``_complete`` (a driver killed while writing it) is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import io
+
+__all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows",
+           "table_digest"]
+
+BASE_SCHEMA = pa.schema([("index", pa.int32()), ("image_id", pa.string()), ("uri", pa.string()), ("fold", pa.int8()),
+                         ("labels", pa.list_(pa.uint8()))])
+MASK_COLUMNS = [("height", pa.int16()), ("width", pa.int16()), ("rles", pa.list_(pa.string()))]
+_COMPLETE = "_complete"
+
+
+def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None) -> pa.Table:
+    """The manifest as one table: ``ids`` / ``uris`` ``[N]``, ``folds`` ``int[N]``, ``labels``
+    ``uint8[N, C]``; ``rles`` ``[N][C]`` strings with ``shapes`` ``[N]`` (height, width) for the
+    segmenter (both None for the classifier)."""
+    labels = np.asarray(labels, np.uint8)
+    cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()), "uri": pa.array(list(uris), pa.string()),
+            "fold": pa.array(np.asarray(folds, np.int8)),
+            "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel(), pa.uint8()),
+                                                        labels.shape[1]).cast(pa.list_(pa.uint8()))}
+    schema = BASE_SCHEMA
+    if rles is not None:
+        shapes = np.asarray(shapes, np.int16).reshape(-1, 2)
+        cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]),
+                     "rles": pa.array([list(r) for r in rles], pa.list_(pa.string()))})
+        schema = pa.schema([*BASE_SCHEMA, *MASK_COLUMNS])
+    return pa.table(cols, schema=schema)
+
+
+def table_digest(table: pa.Table, exclude=("uri",)) -> str:
+    """A content hash of a manifest table for run keys, batch by batch (Arrow IPC bytes);
+    ``exclude``: columns that do not change what is learned (by default the images' location,
+    so a moved archive keeps its run key)."""
+    table = table.drop_columns([c for c in exclude if c in table.column_names])
+    h = hashlib.sha256(str(table.schema).encode())
+    for batch in table.combine_chunks().to_batches(max_chunksize=65_536):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as w:
+            w.write_batch(batch)
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()
+
+
+def write_manifest(url: str, table: pa.Table) -> str:
+    """Write ``table`` under ``url`` as one Parquet file per fold (unless a complete manifest is
+    there already: the run key names the folder, so same key, same rows); returns ``url``."""
+    if io.exists(io.join(url, _COMPLETE)):
+        return url
+    folds = table.column("fold").to_numpy()
+    for k in np.unique(folds):
+        part = table.filter(pc.equal(table.column("fold"), pa.scalar(int(k), pa.int8())))
+        buf = pa.BufferOutputStream()
+        pq.write_table(part, buf, compression="zstd")
+        io.write_bytes(io.join(url, f"fold={int(k)}", "part-0.parquet"), buf.getvalue().to_pybytes())
+    io.write_bytes(io.join(url, _COMPLETE), b"")
+    return url
+
+
+def fold_rows(url: str, fold: int) -> pa.Table:
+    """The manifest rows of one fold."""
+    fs, path = io.filesystem(io.join(url, f"fold={int(fold)}", "part-0.parquet"))
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def read_fold(url: str, fold: int, folds: int) -> tuple[pa.Table, pa.Table]:
+    """(training rows: every other fold, validation rows: ``fold``) of a ``folds``-fold manifest."""
+    train = pa.concat_tables([fold_rows(url, k) for k in range(folds) if k != fold]).sort_by("index")
+    return train, fold_rows(url, fold)

@@ -1,0 +1,23 @@
+"""What each stage brings to the one fold loop (:func:`cam2seg.train.loop.train_loop_per_worker`): a plain dict registry.
+
+A task is built from the loop config (``task(config)``) and supplies, with ``cfg`` its typed
+config section (the fields of ``cam2seg.config._FoldTraining`` and its own):
+
+* ``create_model()``, ``param_groups(core)`` (Adam's groups, each with its ``lr``) and
+  ``lr_fields(lrs)`` (how the rates appear in a history row);
+* ``decode(rows)``: manifest rows (:mod:`cam2seg.train.manifest`) -> (images ``uint8[N, h, w]``,
+  targets), and ``load_note(targets)`` for the load line;
+* ``augment(augment, images, targets)``, ``loss(logits, targets)`` (float32 logits);
+* ``validate(core, x_val, y_val, device, amp)`` -> :class:`cam2seg.train.loop.Validation`;
+* ``finish(core, keeper, x_train, x_val, y_val, val_rows, device, amp, say)`` after the weight
+  average -> :class:`cam2seg.train.loop.Finish`.
+"""
+
+from __future__ import annotations
+
+from .classifier_task import ClassifierTask
+from .segmenter_task import SegmenterTask
+
+__all__ = ["TASKS"]
+
+TASKS = {"classifier": ClassifierTask, "segmenter": SegmenterTask}

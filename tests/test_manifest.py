@@ -1,0 +1,99 @@
+"""The training run's manifest and the loop configs built on it (no Ray)."""
+
+import pickle
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cam2seg import preprocess
+from cam2seg.archive import Archive
+from cam2seg.config import ClassifierConfig, SegmenterConfig
+from cam2seg.folds import make_folds
+from cam2seg.train import manifest
+from cam2seg.train.classifier_task import ClassifierTask
+from cam2seg.train.fold_runner import fold_configs
+from cam2seg.train.segmenter_task import SegmenterTask
+from cam2seg.train.targets import refine_targets
+
+
+def _table(n: int, c: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [f"{i:06d}.jpg" for i in range(n)]
+    labels = (rng.random((n, c)) < 0.3).astype(np.uint8)
+    rles = [[f"{1 + k} {3 + i % 7}" if labels[i, k] else "" for k in range(c)] for i in range(n)]
+    return manifest.manifest_table(ids, [f"s3://bucket/images/{i}" for i in ids], make_folds(labels, 2, 0), labels,
+                                   rles, [(64, 400)] * n)
+
+
+def test_a_fold_reads_the_other_folds_in_run_order_and_its_own_rows(tmp_path):
+    table = _table(50)
+    url = manifest.write_manifest(str(tmp_path / "m"), table)
+    for k in (0, 1):
+        train, val = manifest.read_fold(url, k, 2)
+        assert train.column("index").to_pylist() == [i for i, f in enumerate(table.column("fold").to_pylist()) if f != k]
+        assert set(val.column("fold").to_pylist()) == {k}
+        assert train.num_rows + val.num_rows == 50
+        rows = {r["image_id"]: r for r in train.to_pylist() + val.to_pylist()}
+        assert rows == {r["image_id"]: r for r in table.to_pylist()}
+
+
+def test_a_complete_manifest_is_kept_and_a_torn_one_rewritten(tmp_path):
+    url = str(tmp_path / "m")
+    manifest.write_manifest(url, _table(20, seed=0))
+    manifest.write_manifest(url, _table(20, seed=1))  # same run key, same folder: kept as it is
+    assert manifest.read_fold(url, 0, 2)[1].equals(manifest.fold_rows(url, 0))
+    first = manifest.fold_rows(url, 0)
+    (tmp_path / "m" / "_complete").unlink()  # a driver killed before the end
+    manifest.write_manifest(url, _table(20, seed=1))
+    assert not manifest.fold_rows(url, 0).equals(first) and (tmp_path / "m" / "_complete").exists()
+
+
+def test_digest_follows_rows_not_the_images_location():
+    a = _table(30)
+    assert manifest.table_digest(a) == manifest.table_digest(_table(30))
+    moved = a.set_column(a.schema.get_field_index("uri"), "uri",
+                         pa.array([u.replace("s3://bucket", "/data") for u in a.column("uri").to_pylist()]))
+    assert manifest.table_digest(moved) == manifest.table_digest(a)
+    rles = a.column("rles").to_pylist()
+    rles[3] = ["9 9"] + rles[3][1:]
+    changed = a.set_column(a.schema.get_field_index("rles"), "rles", pa.array(rles, a.schema.field("rles").type))
+    assert manifest.table_digest(changed) != manifest.table_digest(a)
+
+
+@pytest.mark.parametrize("task, cfg, extra", [
+    ("classifier", ClassifierConfig(), {"num_classes": 4}),
+    ("segmenter", SegmenterConfig(), {"num_classes": 4, "size": [64, 400], "refine": True}),
+])
+def test_the_loop_config_does_not_grow_with_the_archive(tmp_path, task, cfg, extra):
+    sizes = []
+    for n, name in ((100, "a"), (10_000, "b")):
+        url = manifest.write_manifest(str(tmp_path / name / "manifest"), _table(n))
+        configs = fold_configs(task, cfg, url, 2, [0, 1], extra)
+        assert set(configs) == {0, 1} and configs[1]["manifest"] == url
+        sizes.append([len(pickle.dumps(configs[k])) for k in (0, 1)])
+    assert sizes[0] == sizes[1] and max(sizes[0]) < 4096
+
+
+def test_the_tasks_decode_manifest_rows_as_the_archive_says(small_archive, tmp_path):
+    a = Archive.open(str(small_archive))
+    ids = a.image_ids[:24]
+    idx = [a.index(i) for i in ids]
+    shape = a.image_shape(ids[0])
+    table = manifest.manifest_table(ids, [a.image_url(i) for i in ids], np.arange(24) % 2, a.labels[idx],
+                                    [[a.rle(i, c) for c in a.class_ids] for i in ids], [shape] * 24)
+    size = (32, 200)
+    cfg = SegmenterConfig(size=size, ignore_band=1)
+    seg = SegmenterTask({"segmenter": cfg.model_dump(mode="json"), "num_classes": 4, "size": list(size),
+                         "refine": True})
+    x, y = seg.decode(table)
+    assert x.shape == (24, *size) and x.dtype == np.uint8 and y.shape == (24, 4, *size) and y.dtype == np.int8
+    for j, iid in enumerate(ids):
+        assert np.array_equal(x[j], preprocess.prepare(preprocess.load_images([a.image_url(iid)], shape)[0], size))
+        masks = np.stack([cv2.resize(m.astype(np.uint8), size[::-1], interpolation=cv2.INTER_NEAREST) > 0
+                          for m in a.masks(iid, shape)])
+        assert np.array_equal(y[j], refine_targets(masks, a.labels[a.index(iid)], ignore_band=1))
+    clf = ClassifierTask({"classifier": ClassifierConfig(size=size).model_dump(mode="json"), "num_classes": 4})
+    xc, yc = clf.decode(table)
+    assert np.array_equal(xc, x) and np.array_equal(yc, a.labels[idx].astype(np.float32))
