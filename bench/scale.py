@@ -164,7 +164,10 @@ def _rss_mib() -> float:
 def _child(name, root, ctx, out):
     start = _rss_mib()
     t0 = time.perf_counter()
-    what = OPS[name](root, ctx)
+    try:
+        what = OPS[name](root, ctx)
+    except Exception as e:  # noqa: BLE001 -- e.g. an older cam2seg without this operation
+        what = f"failed: {type(e).__name__}: {str(e)[:200]}"
     # ru_maxrss: the process's peak resident set, in KiB on Linux
     out.put((time.perf_counter() - t0, start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, what))
 
@@ -182,8 +185,9 @@ def main() -> None:
         t0 = time.perf_counter()
         ctx = build_store(root, args.images, int(args.images * args.relabel))
         ctx["images"] = args.images
+        parts = [len(m.parts.masks) + len(m.parts.errors) for m in store.committed_runs(root)]
         print(f"built {args.images} images x {len(CLASSES)} classes in {time.perf_counter() - t0:.0f} s "
-              f"({args.images // PER_PART + 1} + {int(args.images * args.relabel) // PER_PART + 1} parts)")
+              f"(runs of {' + '.join(map(str, parts))} parts)")
         spawn = mp.get_context("spawn")
         print(f"{'operation':32s} {'seconds':>8s} {'start MiB':>9s} {'peak MiB':>9s}  result")
         for name in OPS:

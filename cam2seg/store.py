@@ -208,34 +208,67 @@ def _mask_columns(columns: list[str] | None) -> list[str]:
     return cols
 
 
+def _kept_rows(store: str, markers: list[RunMarker], wanted: pa.Array | None = None) -> list[list[np.ndarray]] | None:
+    """Per marker and mask part, ``bool[rows]``: which rows are the newest of their (image, class);
+    None when at most one run holds rows (nothing is superseded).
+
+    One pass over the keys of every part (image, class, run, and where the row is), one hash
+    group-by and one semi join over the whole store, so the cost is a few Arrow operations
+    whatever the number of parts (a join per part or per batch would rebuild its hash table each
+    time). ``wanted``: only these images' rows matter (the others are flagged False)."""
+    keys, sizes, total = [], [], 0
+    for rank, m in enumerate(markers):
+        sizes.append([])
+        for part in m.parts.masks:
+            t = _part_file(store, part).read(columns=["image_id", "class_id"])
+            n = t.num_rows
+            t = t.append_column("_rank", pa.array(np.full(n, rank, np.int32))) \
+                .append_column("_at", pa.array(np.arange(total, total + n, dtype=np.int64)))
+            keys.append(t if wanted is None else t.filter(pc.is_in(t.column("image_id"), value_set=wanted)))
+            sizes[-1].append(n)
+            total += n
+    table = pa.concat_tables(keys) if keys else None
+    newest = None if table is None else _newest_ranks(table, ["image_id", "class_id"])
+    if newest is None:
+        return None
+    kept = table.join(newest, keys=["image_id", "class_id", "_rank"], join_type="left semi")
+    flags = np.zeros(total, bool)
+    flags[kept.column("_at").to_numpy()] = True
+    out, at = [], 0
+    for per_run in sizes:
+        out.append([])
+        for n in per_run:
+            out[-1].append(flags[at : at + n])
+            at += n
+    return out
+
+
 def iter_masks(store: str, columns: list[str] | None = None, batch_rows: int = 65_536,
                image_ids=None) -> Iterator[pa.RecordBatch]:
     """The rows :func:`read_masks` returns, streamed: record batches of at most ``batch_rows``
     rows (:data:`MASK_SCHEMA`, or ``columns`` of it plus the keys), each (image, class) once, in
     no particular order; ``image_ids`` (any sequence or string array) keeps those images only.
     For stores too large to hold: memory is one batch plus, when several runs hold rows, the
-    (image, class, run) keys of the store, read once up front."""
+    (image, class) keys of the store and one flag per row, computed once up front."""
     cols, markers = _mask_columns(columns), committed_runs(store)
     wanted = None if image_ids is None else pa.array(list(image_ids) if not isinstance(image_ids, pa.Array)
                                                      else image_ids, pa.string())
-    keys = ["image_id", "class_id"]
-    newest = _newest_ranks(read_parts(store, markers, "masks", MASK_SCHEMA, keys), keys)
+    kept = _kept_rows(store, markers, wanted)
     for rank, m in enumerate(markers):
-        keep = None if newest is None else newest.filter(pc.equal(newest.column("_rank"), rank)).select(keys)
-        if keep is not None and keep.num_rows == 0:
-            continue  # every row of this run is superseded
-        for part in m.parts.masks:
+        for j, part in enumerate(m.parts.masks):
+            flags = None if kept is None else kept[rank][j]
+            if flags is not None and not flags.any():
+                continue  # every row of this part is superseded
+            at = 0
             for batch in _part_file(store, part).iter_batches(batch_size=batch_rows, columns=cols):
+                keep = None if flags is None else flags[at : at + batch.num_rows]
+                at += batch.num_rows
+                if keep is not None and not keep.all():
+                    batch = batch.filter(pa.array(keep))
                 if wanted is not None:
                     batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
-                    if batch.num_rows == 0:
-                        continue
-                if keep is None:
+                if batch.num_rows:
                     yield batch
-                    continue
-                # a semi join keeps the rows whose key is newest in this run
-                yield from pa.Table.from_batches([batch]).join(keep, keys=keys, join_type="left semi") \
-                    .select(cols).to_batches()
 
 
 def read_masks(store: str, columns: list[str] | None = None, image_ids=None) -> pa.Table:
