@@ -97,3 +97,38 @@ def test_the_tasks_decode_manifest_rows_as_the_archive_says(small_archive, tmp_p
     clf = ClassifierTask({"classifier": ClassifierConfig(size=size).model_dump(mode="json"), "num_classes": 4})
     xc, yc = clf.decode(table)
     assert np.array_equal(xc, x) and np.array_equal(yc, a.labels[idx].astype(np.float32))
+
+
+def _store_run(root, rows, run_id=None):
+    from cam2seg import store
+
+    run_id = run_id or store.new_run_id()
+    table = pa.Table.from_pylist([{"image_id": i, "class_id": c, "encoded_pixels": e, "score": 0.5, "area": 1,
+                                   "height": 64, "width": 400, "model_version": "v", "run_id": run_id}
+                                  for i, c, e in rows], schema=store.MASK_SCHEMA)
+    store.commit(root, run_id, {"parts": {"masks": [store.write_part(root, "masks", run_id, table)]}, "complete": True})
+
+
+def test_store_masks_pivot_to_one_row_per_archive_image(small_archive, tmp_path, log_lines):
+    from cam2seg import store
+    from cam2seg.pipeline.segment import mask_targets
+
+    a = Archive.open(str(small_archive))
+    ids = a.image_ids[:5]
+    root = str(tmp_path / "store")
+    # image 0 lacks its class-3 row; image 4 is not in the store; "elsewhere.jpg" is not in the archive
+    _store_run(root, [(i, c, f"{j + 1} {c}") for j, i in enumerate(ids[:4]) for c in (1, 2, 3, 4)
+                      if (j, c) != (0, 3)] + [("elsewhere.jpg", 1, "1 1")])
+    _store_run(root, [(ids[1], c, "" if c != 2 else "7 7") for c in (1, 2, 3, 4)])  # a newer run relabels image 1
+    with log_lines() as messages:
+        rows, source = mask_targets(a, root)
+    assert rows.column("image_id").to_pylist()[:4] == ids[:4] and ids[4] not in rows.column("image_id").to_pylist()
+    assert "elsewhere.jpg" not in rows.column("image_id").to_pylist()
+    got = dict(zip(rows.column("image_id").to_pylist(), rows.column("rles").to_pylist()))
+    assert got[ids[0]] == ["1 1", "1 2", "", "1 4"] and got[ids[1]] == ["", "7 7", "", ""]
+    assert got[ids[3]] == ["4 1", "4 2", "4 3", "4 4"]
+    assert set(rows.column("height").to_pylist()) == {64} and len(source["store_runs"]) == 2
+    assert any(f"{len(a) - 4} of {len(a)} archive images have no pseudo-mask" in m for m in messages)
+    _store_run(root, [(ids[0], 9, "1 1")])
+    with pytest.raises(store.StoreError, match="class 9 is not one of the archive's classes"):
+        mask_targets(a, root)

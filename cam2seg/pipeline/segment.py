@@ -17,6 +17,8 @@ import hashlib
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import __version__, io, store
 from ..train import state
@@ -36,41 +38,53 @@ __all__ = ["train_segmenter", "mask_targets"]
 _log = logging.getLogger(__name__)
 
 
-def mask_targets(archive: Archive, masks: str) -> tuple[list[str], list[list[str]], list[tuple[int, int]], dict]:
-    """(image ids, RLE ``[N][C]``, original shapes, source description) of the images to train on."""
+def mask_targets(archive: Archive, masks: str) -> tuple[pa.Table, dict]:
+    """(rows, source description) of the images to train on, in archive order: a table with
+    ``image_id``, ``height``, ``width`` (int16, the masks' size) and ``rles`` (list<string>, the
+    Kaggle RLE of each archive class, "" for empty). From a store, the pivot is done in Arrow
+    (no Python object per row), reading the archive's images only."""
+    c = archive.num_classes
     if masks == "truth":
         if not archive.has_masks:
             raise ArchiveError(f"{archive.source} has no masks: --masks truth needs an archive with true masks")
-        shape = archive.image_shape(archive.image_ids[0])
-        ids = list(archive.image_ids)
-        rles = [[archive.rle(i, c) for c in archive.class_ids] for i in ids]
-        return ids, rles, [shape] * len(ids), {"masks": "truth"}
+        h, w = archive.image_shape(archive.image_ids[0])
+        n = len(archive)
+        return pa.table({"image_id": pa.array(archive.image_ids, pa.string()),
+                         "height": pa.array(np.full(n, h, np.int16)), "width": pa.array(np.full(n, w, np.int16)),
+                         "rles": pa.array([[archive.rle(i, k) for k in archive.class_ids] for i in archive.image_ids],
+                                          pa.list_(pa.string()))}), {"masks": "truth"}
     runs = store.committed_runs(masks)
     if not runs:
         raise store.StoreError(f"no committed labeling run in {masks} (label the archive first, or pass --masks truth)")
     table = store.read_masks(masks, columns=["image_id", "class_id", "encoded_pixels", "height", "width",
-                                             "model_version"]).to_pydict()
-    class_pos = {c: k for k, c in enumerate(archive.class_ids)}
-    found: dict[str, list] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    for iid, cid, enc, h, w in zip(table["image_id"], table["class_id"], table["encoded_pixels"], table["height"],
-                                   table["width"]):
-        if cid not in class_pos:
-            raise store.StoreError(f"{masks}: class {cid} is not one of the archive's classes {archive.class_ids}")
-        found.setdefault(iid, [""] * len(class_pos))[class_pos[cid]] = enc or ""
-        shapes[iid] = (int(h), int(w))
-    ids = [i for i in archive.image_ids if i in found]
-    missing = len(archive) - len(ids)
-    if not ids:
+                                             "model_version"], image_ids=archive.image_ids)
+    class_ids = pa.array(archive.class_ids, pa.int8())
+    k = pc.index_in(table.column("class_id"), value_set=class_ids)
+    if k.null_count:
+        bad = pc.unique(table.column("class_id").filter(pc.is_null(k))).to_pylist()
+        raise store.StoreError(f"{masks}: class {bad[0]} is not one of the archive's classes {archive.class_ids}")
+    held = pa.array(archive.image_ids, pa.string())
+    held = held.filter(pc.is_in(held, value_set=pc.unique(table.column("image_id"))))
+    n, missing = len(held), len(archive) - len(held)
+    if not n:
         raise store.StoreError(f"{masks} holds no pseudo-mask of any image of {archive.source} (was it labeled "
                                f"with the same image ids, i.e. --images {archive.images_url}?)")
     if missing:
         _log.warning(f"warning: {missing} of {len(archive)} archive images have no pseudo-mask in {masks}; "
-                     f"training on the other {len(ids)}")
-    versions = sorted(set(table["model_version"]))
+                     f"training on the other {n}")
+    # scatter each row to its (image, class) slot; a slot no row fills stays "" (an empty mask)
+    p = pc.index_in(table.column("image_id"), value_set=held).to_numpy()
+    slot = p * c + k.to_numpy()
+    src = np.full(n * c, table.num_rows, np.int64)
+    src[slot] = np.arange(table.num_rows)
+    enc = pa.concat_arrays([pc.fill_null(table.column("encoded_pixels"), "").combine_chunks(), pa.array([""])])
+    rles = pa.FixedSizeListArray.from_arrays(enc.take(pa.array(src)), c).cast(pa.list_(pa.string()))
+    height, width = np.zeros(n, np.int16), np.zeros(n, np.int16)
+    height[p], width[p] = table.column("height").to_numpy(), table.column("width").to_numpy()
+    versions = pc.unique(table.column("model_version")).to_pylist()
     source = {"masks": masks, "store_runs": [m.run_id for m in runs], "label_model": runs[-1].model,
-              "label_model_versions": versions}
-    return ids, [found[i] for i in ids], [shapes[i] for i in ids], source
+              "label_model_versions": sorted(versions)}
+    return pa.table({"image_id": held, "height": pa.array(height), "width": pa.array(width), "rles": rles}), source
 
 
 def _folds(archive: Archive, ids: list[str], cfg: SegmenterConfig, source: dict) -> np.ndarray:
@@ -106,15 +120,18 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     c = archive.num_classes
     # an unknown architecture or encoder fails here, once
     create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels)
-    ids, rles, shapes, source = mask_targets(archive, masks)
+    rows, source = mask_targets(archive, masks)
+    ids = rows.column("image_id").to_pylist()
+    shapes = np.stack([rows.column("height").to_numpy(), rows.column("width").to_numpy()], axis=1)
     labels = archive.labels[[archive.index(i) for i in ids]]
     folds = _folds(archive, ids, cfg, source)
     k_folds = int(folds.max()) + 1
     if min(np.bincount(folds, minlength=k_folds)) < 1 or len(ids) < 2 * k_folds:
         raise ValueError(f"{len(ids)} images are too few for {k_folds} folds")
-    size = tuple(cfg.size or shapes[0])
+    size = tuple(int(v) for v in (cfg.size or shapes[0]))
     refine = masks != "truth"
-    table = manifest.manifest_table(ids, [archive.image_url(i) for i in ids], folds, labels, rles, shapes)
+    table = manifest.manifest_table(ids, [archive.image_url(i) for i in ids], folds, labels, rows.column("rles"),
+                                    shapes)
     key = _run_key(cfg, table)
     card = trained_card(out, key, force)
     if card is not None:
@@ -141,7 +158,8 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__,
                   "refinements": {"absent_zero": cfg.absent_zero, "present_empty": cfg.present_empty,
                                   "ignore_band": cfg.ignore_band} if refine else None, **source},
-        data={"archive": archive.root, "source": archive.source, "images": len(ids), "image_size": list(shapes[0])},
+        data={"archive": archive.root, "source": archive.source, "images": len(ids),
+              "image_size": [int(v) for v in shapes[0]]},
     )
     card = write_artifact(out, card, states, extra={FOLDS_FILE: folds_csv(ids, folds)})
     drop_checkpoints(out, cfg)

@@ -39,8 +39,8 @@ _COMPLETE = "_complete"
 
 def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None) -> pa.Table:
     """The manifest as one table: ``ids`` / ``uris`` ``[N]``, ``folds`` ``int[N]``, ``labels``
-    ``uint8[N, C]``; ``rles`` ``[N][C]`` strings with ``shapes`` ``[N]`` (height, width) for the
-    segmenter (both None for the classifier)."""
+    ``uint8[N, C]``; ``rles`` (``[N][C]`` strings, or a list<string> Arrow array) with ``shapes``
+    ``[N]`` (height, width) for the segmenter (both None for the classifier)."""
     labels = np.asarray(labels, np.uint8)
     cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()), "uri": pa.array(list(uris), pa.string()),
             "fold": pa.array(np.asarray(folds, np.int8)),
@@ -49,8 +49,9 @@ def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None)
     schema = BASE_SCHEMA
     if rles is not None:
         shapes = np.asarray(shapes, np.int16).reshape(-1, 2)
-        cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]),
-                     "rles": pa.array([list(r) for r in rles], pa.list_(pa.string()))})
+        if not isinstance(rles, (pa.Array, pa.ChunkedArray)):
+            rles = pa.array([list(r) for r in rles], pa.list_(pa.string()))
+        cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]), "rles": rles})
         schema = pa.schema([*BASE_SCHEMA, *MASK_COLUMNS])
     return pa.table(cols, schema=schema)
 
