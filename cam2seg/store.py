@@ -16,6 +16,7 @@ and nothing half-written; the next run (holding the lease) deletes unlisted part
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -159,12 +160,16 @@ def committed_runs(store: str) -> list[RunMarker]:
     return sorted(markers, key=lambda m: m.run_id)
 
 
-def _part_file(store: str, part: Part) -> pq.ParquetFile:
+@contextlib.contextmanager
+def _part_file(store: str, part: Part) -> Iterator[pq.ParquetFile]:
+    """The committed part as an open ``ParquetFile`` whose row count matches its marker; the
+    file (an S3 connection, on object storage) is closed on leaving the ``with``."""
     fs, path = io.filesystem(io.join(store, part.file))
-    f = pq.ParquetFile(fs.open(path, "rb"))
-    if f.metadata.num_rows != part.rows:
-        raise StoreError(f"{store}/{part.file}: {f.metadata.num_rows} rows, its marker says {part.rows}")
-    return f
+    with fs.open(path, "rb") as handle:
+        f = pq.ParquetFile(handle)
+        if f.metadata.num_rows != part.rows:
+            raise StoreError(f"{store}/{part.file}: {f.metadata.num_rows} rows, its marker says {part.rows}")
+        yield f
 
 
 def read_parts(store: str, markers: list[RunMarker], kind: str, schema: pa.Schema, columns=None) -> pa.Table:
@@ -172,7 +177,8 @@ def read_parts(store: str, markers: list[RunMarker], kind: str, schema: pa.Schem
     tables = []
     for rank, m in enumerate(markers):
         for part in getattr(m.parts, kind):
-            t = _part_file(store, part).read(columns=columns)
+            with _part_file(store, part) as f:
+                t = f.read(columns=columns)
             tables.append(t.append_column("_rank", pa.array(np.full(t.num_rows, rank, np.int32))))
     if not tables:
         cols = [schema.field(c) for c in (columns or schema.names)]
@@ -220,7 +226,8 @@ def _kept_rows(store: str, markers: list[RunMarker], wanted: pa.Array | None = N
     for rank, m in enumerate(markers):
         sizes.append([])
         for part in m.parts.masks:
-            t = _part_file(store, part).read(columns=["image_id", "class_id"])
+            with _part_file(store, part) as f:
+                t = f.read(columns=["image_id", "class_id"])
             n = t.num_rows
             t = t.append_column("_rank", pa.array(np.full(n, rank, np.int32))) \
                 .append_column("_at", pa.array(np.arange(total, total + n, dtype=np.int64)))
@@ -260,15 +267,16 @@ def iter_masks(store: str, columns: list[str] | None = None, batch_rows: int = 6
             if flags is not None and not flags.any():
                 continue  # every row of this part is superseded
             at = 0
-            for batch in _part_file(store, part).iter_batches(batch_size=batch_rows, columns=cols):
-                keep = None if flags is None else flags[at : at + batch.num_rows]
-                at += batch.num_rows
-                if keep is not None and not keep.all():
-                    batch = batch.filter(pa.array(keep))
-                if wanted is not None:
-                    batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
-                if batch.num_rows:
-                    yield batch
+            with _part_file(store, part) as f:
+                for batch in f.iter_batches(batch_size=batch_rows, columns=cols):
+                    keep = None if flags is None else flags[at : at + batch.num_rows]
+                    at += batch.num_rows
+                    if keep is not None and not keep.all():
+                        batch = batch.filter(pa.array(keep))
+                    if wanted is not None:
+                        batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
+                    if batch.num_rows:
+                        yield batch
 
 
 def read_masks(store: str, columns: list[str] | None = None, image_ids=None) -> pa.Table:
@@ -300,7 +308,8 @@ def labeled_ids(store: str, model_version: str | None) -> pa.Array:
         if model_version is not None and m.model_version is not None and m.model_version != model_version:
             continue  # the marker's version is the one its rows carry: skip the run unread
         for part in m.parts.masks:
-            t = _part_file(store, part).read(columns=["image_id", "model_version"])
+            with _part_file(store, part) as f:
+                t = f.read(columns=["image_id", "model_version"])
             if model_version is not None:
                 t = t.filter(pc.equal(t.column("model_version"), model_version))
             uniques.append(pc.unique(t.column("image_id")))
