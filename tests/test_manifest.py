@@ -132,3 +132,13 @@ def test_store_masks_pivot_to_one_row_per_archive_image(small_archive, tmp_path,
     _store_run(root, [(ids[0], 9, "1 1")])
     with pytest.raises(store.StoreError, match="class 9 is not one of the archive's classes"):
         mask_targets(a, root)
+
+
+def test_an_unreadable_card_is_trained_over_with_a_warning(tmp_path, log_lines):
+    from cam2seg.train.fold_runner import trained_card
+
+    (tmp_path / "model.json").write_text("{not json")
+    with log_lines() as messages:
+        assert trained_card(str(tmp_path), "abc", force=False) is None
+    assert any("training afresh and writing over it" in m for m in messages)
+    assert trained_card(str(tmp_path / "none"), "abc", force=False) is None

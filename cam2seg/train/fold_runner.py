@@ -184,7 +184,8 @@ def trained_card(out: str, key: str, force: bool):
         return None
     try:
         card = load_card(out)
-    except ArtifactError:
+    except ArtifactError as e:
+        _log.warning(f"warning: {e}; training afresh and writing over it")
         return None
     if card.training.run_key != key:
         return None

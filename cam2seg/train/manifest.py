@@ -42,8 +42,8 @@ def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None)
     ``uint8[N, C]``; ``rles`` (``[N][C]`` strings, or a list<string> Arrow array) with ``shapes``
     ``[N]`` (height, width) for the segmenter (both None for the classifier)."""
     labels = np.asarray(labels, np.uint8)
-    cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()), "uri": pa.array(list(uris), pa.string()),
-            "fold": pa.array(np.asarray(folds, np.int8)),
+    cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()),
+            "uri": pa.array(list(uris), pa.string()), "fold": pa.array(np.asarray(folds, np.int8)),
             "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel(), pa.uint8()),
                                                         labels.shape[1]).cast(pa.list_(pa.uint8()))}
     schema = BASE_SCHEMA
