@@ -224,6 +224,16 @@ def exists(url: str, **storage_options) -> bool:
     return fs.exists(path)
 
 
+def list_names(url: str, **storage_options) -> list[str]:
+    """The names of the files and folders directly inside the folder ``url``, sorted; [] when
+    there is no such folder. Listed afresh (an S3 listing cached earlier would miss new keys)."""
+    fs, path = filesystem(url, fresh=True, **storage_options)
+    path = path.rstrip("/")
+    if not fs.isdir(path):
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(path, detail=False))
+
+
 def write_bytes(url: str, data: bytes, **storage_options) -> None:
     """Write a whole file so that readers see either the old content or the new, never a part.
 

@@ -142,3 +142,32 @@ def test_an_unreadable_card_is_trained_over_with_a_warning(tmp_path, log_lines):
         assert trained_card(str(tmp_path), "abc", force=False) is None
     assert any("training afresh and writing over it" in m for m in messages)
     assert trained_card(str(tmp_path / "none"), "abc", force=False) is None
+
+
+def test_checkpoints_ray_train_lost_track_of_are_found_newest_first(tmp_path, log_lines):
+    """A command killed while Ray Train rewrote a run's state file leaves it empty, and Ray Train
+    then refuses the run on every later try: the state file is moved aside and the fold resumes
+    from its newest checkpoint folder whose state file reads."""
+    from cam2seg.train.fold_runner import orphaned_checkpoints, run_url
+
+    run = tmp_path / "work" / "runs" / "fold-0"
+    for name, state in [("checkpoint_2026-12-02_03-00-00.000001", '{"epoch": 0}'),
+                        ("checkpoint_2026-12-02_03-00-01.000001", '{"epoch": 1}'),
+                        ("checkpoint_2026-12-02_03-00-02.000001", '{"epo'),  # cut short
+                        ("checkpoint_2026-12-02_03-00-03.000001", None)]:  # its files not all there
+        (run / name).mkdir(parents=True)
+        if state is not None:
+            (run / name / "state.json").write_text(state)
+    work = str(tmp_path / "work")
+    assert run_url(work, 0) == str(run)
+    (run / "checkpoint_manager_snapshot.json").write_text('{"checkpoints": []}')
+    assert orphaned_checkpoints(work, 0) == []  # Ray Train resumes it itself
+    (run / "checkpoint_manager_snapshot.json").write_text("")
+    with log_lines() as messages:
+        found = orphaned_checkpoints(work, 0)
+    assert found == [str(run / "checkpoint_2026-12-02_03-00-01.000001"), str(run / "checkpoint_2026-12-02_03-00-00.000001")]
+    assert not (run / "checkpoint_manager_snapshot.json").exists()
+    assert [p.read_text() for p in run.glob("checkpoint_manager_snapshot.json.unreadable-*")] == [""]
+    assert any("is unreadable" in m and "moved it aside" in m for m in messages), messages
+    assert orphaned_checkpoints(work, 0) == found  # no state file at all: the same folders
+    assert orphaned_checkpoints(work, 1) == []  # a fold that never ran

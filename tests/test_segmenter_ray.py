@@ -174,3 +174,42 @@ def test_killed_segmenter_worker_resumes_its_fold(trained):
     final = next(Path(trained["seg"]).glob("_train/*/done/fold-0/final.json"))
     events = [e["epoch"] for e in json.loads(final.read_text())["history"] if e.get("event") == "resumed"]
     assert events == [int(resumed.group(1)) - 1], events
+
+
+def test_a_fold_whose_run_state_a_kill_cut_short_resumes_from_its_checkpoints(trained, tmp_path, log_lines):
+    """Ray Train rewrites a run's state file in place after each checkpoint; a command killed then
+    leaves it empty and Ray Train refuses the run from then on. The fold goes on from its own
+    checkpoint folders instead: staged from the final one when there is one, else resumed from
+    the newest, and it ends with the same weights as the run that was never cut short."""
+    import shutil
+
+    out = tmp_path / "seg"
+    shutil.copytree(trained["seg"], out)
+    (work,) = (out / "_train").iterdir()
+    run, done = work / "runs" / "fold-0", work / "done" / "fold-0"
+    swa = (done / "swa.safetensors").read_bytes()
+    ckpts = sorted(run.glob("checkpoint_2*"))
+    assert len(ckpts) == 2 and (ckpts[-1] / "final.json").exists() and not (ckpts[0] / "final.json").exists()
+    args = (str(trained["archive"].root), trained["store"], str(out), SegmenterConfig(**CFG))
+
+    (run / "checkpoint_manager_snapshot.json").write_text("")
+    shutil.rmtree(done)
+    (out / "model.json").unlink()
+    with log_lines() as staged:
+        train_segmenter(*args)
+    text = "\n".join(staged)
+    assert "moved it aside" in text and "fold 0: finished in an earlier run" in text, text[-3000:]
+    assert "[segmenter fold 0]" not in text, text[-3000:]  # nothing trained
+    assert (done / "swa.safetensors").read_bytes() == swa
+
+    # Killed before the final checkpoint: the newest one left is the last epoch's.
+    shutil.rmtree(ckpts[-1])
+    shutil.rmtree(done)
+    (out / "model.json").unlink()
+    with log_lines() as resumed:
+        card = train_segmenter(*args)
+    text = "\n".join(resumed)
+    n = CFG["epochs"]
+    assert f"[segmenter fold 0] resuming at epoch {n + 1}/{n} from a checkpoint" in text, text[-3000:]
+    assert "[segmenter fold 0] epoch " not in text, text[-3000:]
+    assert card.folds == 2 and (done / "swa.safetensors").read_bytes() == swa

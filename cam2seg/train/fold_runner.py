@@ -10,8 +10,9 @@ keeps its own checkpoints in storage.
 
 Re-running after a kill continues: a fold whose run finished is staged under
 ``<work>/done/fold-<k>/`` and skipped; a fold that was interrupted resumes from its last
-epoch's checkpoint (same run name and storage path under ``<work>/runs``). Callers put a hash
-of what determines the weights into ``work``, so a changed config starts afresh.
+epoch's checkpoint (same run name and storage path under ``<work>/runs``), also when the kill
+cut Ray Train's own record of those checkpoints short (:func:`orphaned_checkpoints`). Callers
+put a hash of what determines the weights into ``work``, so a changed config starts afresh.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import importlib
 import json
 import logging
 import os
+import posixpath
 import time
 from typing import Callable
 
 from .. import io, logs
-from .loop import FINAL_FILE
+from .loop import FINAL_FILE, STATE_FILE
 
-__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "fold_env_vars", "fit_folds", "trained_card",
-           "drop_checkpoints", "config_digest", "fold_configs"]
+__all__ = ["RUNTIME_ONLY", "run_folds", "fold_done", "done_url", "run_url", "fold_env_vars", "fit_folds",
+           "trained_card", "drop_checkpoints", "config_digest", "fold_configs", "stage_checkpoint",
+           "orphaned_checkpoints"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ _POLL_S = 1.0    # how often the driver shows the workers' new lines
 # from the fold task to its controller.
 _HEALTH_CHECK_VAR, _HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 _NOTE_S = 60.0   # a "still training" line after this long without news of a fold
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's run state, in each run folder (Ray 2.60)
 
 
 def _storage(url: str):
@@ -56,6 +60,11 @@ def _storage(url: str):
     import pyarrow.fs as pafs
 
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def run_url(work: str, fold: int) -> str:
+    """Fold ``fold``'s Ray Train run folder (its checkpoints and Ray Train's run state)."""
+    return io.join(work, "runs", f"fold-{fold}")
 
 
 def done_url(work: str, fold: int) -> str:
@@ -87,12 +96,12 @@ def fold_env_vars(gcs_address: str) -> dict[str, str]:
 
 def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers: int, cpus: float, gpus: float,
                max_failures: int, staged: tuple[str, ...]) -> dict:
-    """Train one fold with Ray Train; copy the final checkpoint's files named in ``staged``
-    (or starting with ``top-``) to ``done_url(work, fold)``."""
+    """Train one fold with Ray Train; stage its final checkpoint to ``done_url(work, fold)``
+    (:func:`stage_checkpoint`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_fs = _storage(io.join(work, "runs"))
+    storage_path, storage_fs = _storage(io.join(work, "runs"))  # the run folder: run_url(work, fold)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -111,16 +120,54 @@ def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training ended without a checkpoint")
-    done = done_url(work, fold)
-    with result.checkpoint.as_directory() as d:
-        if not os.path.exists(os.path.join(d, FINAL_FILE)):
-            raise RuntimeError(f"fold {fold}: the last checkpoint is not a final one ({result.checkpoint.path})")
-        # The final marker is written last so a half-staged fold counts as not done.
-        for name in sorted(os.listdir(d), key=lambda n: n == FINAL_FILE):
-            if name in staged or name == FINAL_FILE or name.startswith("top-"):
-                with open(os.path.join(d, name), "rb") as f:
-                    io.write_bytes(io.join(done, name), f.read())
+    stage_checkpoint(io.join(run_url(work, fold), posixpath.basename(result.checkpoint.path.rstrip("/"))),
+                     done_url(work, fold), staged)
     return {"fold": fold, "checkpoint": result.checkpoint.path}
+
+
+def stage_checkpoint(checkpoint: str, done: str, staged: tuple[str, ...]) -> None:
+    """Copy a fold's final checkpoint folder's files named in ``staged`` (or starting with
+    ``top-``) to ``done``, the final marker last, so a half-staged fold counts as not done."""
+    names = io.list_names(checkpoint)
+    if FINAL_FILE not in names:
+        raise RuntimeError(f"the last checkpoint is not a final one: {checkpoint}")
+    for name in sorted(names, key=lambda n: n == FINAL_FILE):
+        if name in staged or name == FINAL_FILE or name.startswith("top-"):
+            io.write_bytes(io.join(done, name), io.read_bytes(io.join(checkpoint, name)))
+
+
+def orphaned_checkpoints(work: str, fold: int) -> list[str]:
+    """The URLs of fold ``fold``'s checkpoint folders (newest first, each with a readable state
+    file) when Ray Train would not resume from them itself; [] when it would, or when there are none.
+
+    Ray Train finds a run's checkpoints through its run state file (``_SNAPSHOT``), which it
+    writes after each checkpoint, in place: a command killed at that moment leaves it empty or
+    cut short, and Ray Train then refuses to start the run at all (a JSONDecodeError, on every
+    later try). Killed a moment earlier, the checkpoint folder is there without the state file.
+    An unreadable state file is moved aside (nothing is deleted), so Ray Train starts the run
+    afresh and the training loop resumes from these folders (``resume_from`` in its config)."""
+    run = run_url(work, fold)
+    names = io.list_names(run)
+    if _SNAPSHOT in names:
+        fs, path = io.filesystem(io.join(run, _SNAPSHOT), fresh=True)
+        try:
+            json.loads(fs.cat_file(path))
+            return []
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            fs.mv(path, aside)
+            _log.warning(f"warning: fold {fold}: Ray Train's run state {io.join(run, _SNAPSHOT)} is unreadable ({e}), "
+                         f"probably cut short by a kill; moved it aside to {aside} and resuming from the newest "
+                         "readable checkpoint instead")
+    found = []
+    # Ray Train names checkpoint folders by time ("checkpoint_2026-12-02_03-00-00.000001"): newest last.
+    for name in reversed([n for n in names if n.startswith("checkpoint_") and not n.startswith(_SNAPSHOT)]):
+        try:
+            json.loads(io.read_bytes(io.join(run, name, STATE_FILE)))
+        except (OSError, ValueError):
+            continue
+        found.append(io.join(run, name))
+    return found
 
 
 def run_folds(loop: Callable, configs: dict[int, dict], work: str, *, workers: int, cpus: float, gpus: float,
@@ -216,13 +263,20 @@ def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, st
     ensure_ray()
     gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
     url = manifest.write_manifest(io.join(work, "manifest"), table)
-    todo = []
+    todo, orphans = [], {}
     for k in range(k_folds):
+        if not fold_done(work, k) and (found := orphaned_checkpoints(work, k)):
+            if FINAL_FILE in io.list_names(found[0]):
+                stage_checkpoint(found[0], done_url(work, k), staged)  # it had finished, then the kill came
+            else:
+                orphans[k] = found
         if fold_done(work, k):
             _log.info(f"fold {k}: finished in an earlier run, reusing it")
         else:
             todo.append(k)
     configs = fold_configs(task, cfg, url, k_folds, todo, extra)
+    for k, found in orphans.items():
+        configs[k]["resume_from"] = found
     _log.info(f"training {len(configs)} of {k_folds} {what}: {table.num_rows} images, {cfg.epochs} epochs, "
               f"{cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
     run_folds(train_loop_per_worker, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import logs, preprocess
+from .. import io, logs, preprocess
 from . import state, swa
 
 __all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState",
@@ -36,7 +36,7 @@ __all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "
 SWA_FILE = "swa.safetensors"
 
 FINAL_FILE = "final.json"
-_STATE_FILE = "state.json"
+STATE_FILE = "state.json"
 
 _log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def save_checkpoint(d: str, core, opt, sched, keeper: swa.TopK, history: list, e
         "scheduler": {k: v for k, v in sched.state_dict().items() if k != "_last_lr"},
         "top": [(loss, ep) for loss, ep, _ in keeper.entries],
     }
-    with open(os.path.join(d, _STATE_FILE), "w") as f:
+    with open(os.path.join(d, STATE_FILE), "w") as f:
         json.dump(meta, f)
     if final is not None:
         with open(os.path.join(d, FINAL_FILE), "w") as f:
@@ -91,15 +91,18 @@ def save_checkpoint(d: str, core, opt, sched, keeper: swa.TopK, history: list, e
 
 
 def restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
-    """Load a checkpoint folder into the given objects; returns (next epoch, history)."""
-    with open(os.path.join(d, _STATE_FILE)) as f:
+    """Load a checkpoint folder into the given objects; returns (next epoch, history). Every
+    file is read before any object changes, so a checkpoint that fails to load leaves them as
+    they were."""
+    with open(os.path.join(d, STATE_FILE)) as f:
         meta = json.load(f)
-    core.load_state_dict(state.load_tensors(os.path.join(d, "model.safetensors")))
-    state.optimizer_from_flat(opt, state.load_tensors(os.path.join(d, "optimizer.safetensors")), meta["optimizer"])
+    weights = state.load_tensors(os.path.join(d, "model.safetensors"))
+    opt_tensors = state.load_tensors(os.path.join(d, "optimizer.safetensors"))
+    top = [(loss, ep, state.load_tensors(os.path.join(d, f"top-{i}.safetensors"))) for i, (loss, ep) in enumerate(meta["top"])]
+    core.load_state_dict(weights)
+    state.optimizer_from_flat(opt, opt_tensors, meta["optimizer"])
     sched.load_state_dict(meta["scheduler"])
-    keeper.entries = [
-        (loss, ep, state.load_tensors(os.path.join(d, f"top-{i}.safetensors"))) for i, (loss, ep) in enumerate(meta["top"])
-    ]
+    keeper.entries = top
     return meta["epoch"] + 1, meta["history"]
 
 
@@ -172,18 +175,36 @@ class FoldState:
     start: int = 0
     history: list = field(default_factory=list)
 
-    def resume(self, say, epochs: int) -> bool:
-        """Restore from Ray Train's checkpoint, if there is one; False when the fold had finished."""
+    def resume(self, say, epochs: int, fallback: list[str] = ()) -> bool:
+        """Restore from Ray Train's checkpoint, if there is one, else from the first checkpoint
+        folder in ``fallback`` (URLs, newest first) that loads; False when the fold had finished.
+
+        ``fallback`` holds the checkpoints Ray Train lost track of
+        (:func:`cam2seg.train.fold_runner.orphaned_checkpoints`); none of them is a final one."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return True
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, FINAL_FILE)):
-                say("already finished (final checkpoint found)")
-                return False
-            self.start, self.history = restore(d, self.core, self.opt, self.sched, self.keeper)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                if os.path.exists(os.path.join(d, FINAL_FILE)):
+                    say("already finished (final checkpoint found)")
+                    return False
+                self.start, self.history = restore(d, self.core, self.opt, self.sched, self.keeper)
+        else:
+            for url in fallback:
+                with tempfile.TemporaryDirectory() as d:
+                    try:
+                        for name in io.list_names(url):
+                            with open(os.path.join(d, name), "wb") as f:
+                                f.write(io.read_bytes(io.join(url, name)))
+                        self.start, self.history = restore(d, self.core, self.opt, self.sched, self.keeper)
+                        break
+                    except (OSError, ValueError, KeyError, RuntimeError) as e:
+                        say(f"warning: checkpoint {url} does not load ({e}); trying an older one")
+            else:
+                if fallback:
+                    say("warning: no checkpoint of this fold loads; training it afresh")
+                return True
         say(f"resuming at epoch {self.start + 1}/{epochs} from a checkpoint")
         self.history.append({"event": "resumed", "epoch": self.start})
         return True
@@ -242,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     opt = make_optimizer(task.param_groups(core))
     fs = FoldState(core, opt, make_scheduler(opt, cfg), swa.TopK(cfg.swa_epochs), make_scaler(amp), rank)
-    if not fs.resume(say, cfg.epochs):
+    if not fs.resume(say, cfg.epochs, config.get("resume_from", ())):
         return
     start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
 
