@@ -2,13 +2,14 @@
 #   make demo   set up .venv and run the pipeline on the embedded default (synthetic archive)
 #   make test   set up .venv and run the test suite (what CI runs)
 #   make test-fast   the unit tests only (no training, no Ray jobs): under a minute
+#   make test-stream the streamed-training test (Ray Data into Ray Train, both stages): ~7 minutes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= demo-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast test-stream install clean
 
 # One pip command for everything: s3fs and moto[server] must be resolved together or their
 # botocore pins clash. Re-installs only when the project's dependency files change.
@@ -28,7 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow" -q
+	$(BIN)/python -m pytest tests -m "not slow and not stream" -q
+
+test-stream: $(STAMP)
+	$(BIN)/python -m pytest tests -m stream
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache build *.egg-info

@@ -109,6 +109,16 @@ class _FoldTraining(_Section):
     max_failures: int = Field(3, ge=0, description="worker failures a fold survives (resuming from its last epoch)")
     load_threads: int = Field(8, ge=1)
     keep_checkpoints: bool = Field(False, description="keep the per-epoch Ray Train checkpoints after success")
+    ingest: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="how a fold's images reach its workers: decoded once into each worker's memory, or "
+        "streamed by Ray Data (a few batches held at a time); auto streams above max_memory_gb")
+    max_memory_gb: float = Field(8.0, gt=0, description="auto streams when one worker would hold more than this "
+                                 "many GiB of decoded training images and targets")
+    decoders: int = Field(1, ge=1, description="Ray Data decode actors per fold and dataset when streaming")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs each Ray Data read task and decode actor reserves "
+                               "when streaming, beside the training workers' CPUs")
+    shuffle_rows: int = Field(256, ge=0, description="rows in each worker's shuffle buffer when streaming "
+                              "(0: block order only)")
 
     @field_validator("size", mode="before", check_fields=False)  # each subclass declares its size
     @classmethod

@@ -214,6 +214,18 @@ def outside_prefix(url: str, prefix: str) -> bool:
     return not (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
 
 
+def arrow_filesystem(url: str, **storage_options):
+    """``(path, pyarrow filesystem or None)`` for libraries that take pyarrow filesystems (Ray
+    Train's storage, Ray Data's readers): None and an absolute path locally, else the fsspec
+    filesystem wrapped for pyarrow and the path inside it."""
+    fs, path = filesystem(url, **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def read_bytes(url: str, **storage_options) -> bytes:
     fs, path = filesystem(url, **storage_options)
     return fs.cat_file(path)

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
-import torch
 
 from . import io
 
@@ -54,8 +53,11 @@ def load_images(urls: list[str], size: tuple[int, int], threads: int = 8) -> np.
     return out
 
 
-def to_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu") -> torch.Tensor:
+def to_input(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu") -> "torch.Tensor":  # noqa: F821
     """``uint8[B, H, W]`` -> normalised ``float32[B, 3, H, W]`` on ``device``."""
+    # imported here: image reading and decoding (Ray Data's decode tasks) need no torch
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True).float().div_(255.0)
     x = x.unsqueeze(1).expand(-1, 3, -1, -1)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)

@@ -242,6 +242,13 @@ def _worker_pool_warning_to_file() -> None:
     worker.print_to_stdstream = print_to_stdstream
 
 
+def cluster_cpus() -> float:
+    """CPUs the connected cluster has."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def cluster_gpus() -> float:
     """GPUs the connected cluster has (0 on a CPU-only one)."""
     import ray

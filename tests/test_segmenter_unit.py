@@ -7,9 +7,9 @@ import torch
 from cam2seg import rle
 from cam2seg.config import SegmenterConfig
 from cam2seg.train.targets import edge_band, refine_targets
-from cam2seg.models.losses import IGNORE, segmentation_loss
+from cam2seg.models.losses import IGNORE, segmentation_loss  # IGNORE is re-exported from train.targets
 from cam2seg.models.segmenter import create_segmenter, predict_maps
-from cam2seg.train.segmenter_task import build_targets
+from cam2seg.train.targets import build_targets
 
 ENC = "tu-mobilenetv3_small_100"
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["IGNORE", "segmentation_loss"]
+from ..train.targets import IGNORE  # where targets are made; defined there so decoding needs no torch
 
-IGNORE = -1  # target value of pixels left out of the loss
+__all__ = ["IGNORE", "segmentation_loss"]
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,

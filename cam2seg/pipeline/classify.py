@@ -95,7 +95,8 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         final = state.read_json(io.join(done, FINAL_FILE))
         fold_info.append({"fold": k, "workers": final["workers"], "swa_epochs": final["swa_epochs"], "val_loss": final["val_loss"],
                           "auc": final["auc"], "swa_bn_variants": final["swa_bn_variants"],
-                          "history": final["history"]})
+                          "history": final["history"],
+                          **{key_: final.get(key_) for key_ in ("ingest", "rows", "peak_rss_mib")}})
     if np.isnan(probs).any():
         raise RuntimeError(f"{int(np.isnan(probs).any(axis=1).sum())} images got no out-of-fold prediction")
     auc = metrics.roc_auc(archive.labels, probs)

@@ -147,8 +147,8 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         done = done_url(work, k)
         states.append(state.load_tensors(io.join(done, SWA_FILE)))
         final = state.read_json(io.join(done, FINAL_FILE))
-        fold_info.append({key_: final[key_] for key_ in ("fold", "workers", "swa_epochs", "val_loss", "history",
-                                                         "ignored_fraction")})
+        fold_info.append({key_: final.get(key_) for key_ in ("fold", "workers", "swa_epochs", "val_loss", "history",
+                                                             "ignored_fraction", "ingest", "rows", "peak_rss_mib")})
     card = ModelCard(
         kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
         grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,

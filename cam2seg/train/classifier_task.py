@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from .. import metrics, preprocess
 from ..config import ClassifierConfig
 from ..models.classifier import create_classifier
+from . import decode
 from . import loop as training
 
-__all__ = ["ClassifierTask", "param_groups", "predict", "OOF_FILE"]
+__all__ = ["ClassifierTask", "param_groups", "predict", "predict_batches", "OOF_FILE"]
 
 OOF_FILE = "oof.json"
 
@@ -36,13 +37,33 @@ def param_groups(core, cfg: ClassifierConfig) -> list[dict]:
 @torch.no_grad()
 def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) ``float32[N, C]`` of an eval-mode model over ``uint8[N, H, W]`` images."""
+    return predict_batches(model, (images[i : i + batch_size] for i in range(0, len(images), batch_size)), device, amp)
+
+
+@torch.no_grad()
+def predict_batches(model, batches, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict` over an iterable of ``uint8[B, H, W]`` image batches."""
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
+    for images in batches:
         with training.autocast(device, amp):
-            out.append(model(preprocess.to_input(images[i : i + batch_size], device=device)).float().cpu())
+            out.append(model(preprocess.to_input(images, device=device)).float().cpu())
     logits = torch.cat(out) if out else torch.zeros(0)
     return logits.numpy(), torch.sigmoid(logits).numpy()
+
+
+def _predict_val(model, source, device, amp) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(logits, probabilities, labels ``uint8[N, C]``, image ids) over the fold's validation rows."""
+    labels, ids = [], []
+
+    def images():
+        for x, y, batch_ids in source.val():
+            labels.append(y)
+            ids.extend(batch_ids)
+            yield x
+
+    logits, probs = predict_batches(model, images(), device, amp)
+    return logits, probs, np.concatenate(labels).astype(np.uint8), ids
 
 
 def _val_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -54,7 +75,7 @@ class ClassifierTask:
     section, log_name = "classifier", "fold"
 
     def __init__(self, config: dict):
-        self.cfg = ClassifierConfig(**config[self.section])
+        self.cfg, self.config = ClassifierConfig(**config[self.section]), config
         self.num_classes = int(config["num_classes"])
 
     def create_model(self):
@@ -68,13 +89,20 @@ class ClassifierTask:
     def lr_fields(lrs: list[float]) -> dict:
         return {"lr_encoder": lrs[0], "lr_head": lrs[1]}
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.cfg.size)
+
     def decode(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Manifest rows -> (images ``uint8[N, h, w]`` at ``size``, labels ``float32[N, C]``)."""
-        x = preprocess.load_images(rows.column("uri").to_pylist(), self.cfg.size, self.cfg.load_threads)
-        return x, np.asarray(rows.column("labels").to_pylist(), np.float32).reshape(len(x), self.num_classes)
+        return decode.classifier_rows(rows, self.config)
 
     @staticmethod
-    def load_note(y) -> str:
+    def observe(targets) -> None:
+        pass
+
+    @staticmethod
+    def load_note() -> str:
         return ""
 
     @staticmethod
@@ -87,25 +115,25 @@ class ClassifierTask:
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, y)
 
-    def validate(self, core, x_val, y_val, device, amp) -> training.Validation:
-        logits, _ = predict(core, x_val, self.cfg.batch_size, device, amp)
-        loss, auc = _val_stats(logits, y_val.astype(np.uint8))
+    def validate(self, core, source, device, amp) -> training.Validation:
+        logits, _, labels, _ = _predict_val(core, source, device, amp)
+        loss, auc = _val_stats(logits, labels)
         text = "/".join("  nan" if np.isnan(a) else f"{a:.3f}" for a in auc)
         mean = np.nanmean(auc) if np.isfinite(auc).any() else float("nan")
         return training.Validation(loss, {"auc": [float(a) for a in auc]}, f" auc {text} (mean {mean:.3f})")
 
-    def finish(self, core, keeper, x_train, x_val, y_val, val_rows, device, amp, say) -> training.Finish:
+    def finish(self, core, keeper, source, device, amp, say) -> training.Finish:
         """Both BatchNorm variants of the averaged weights on the held-out fold; ``core`` is left
         with the chosen one."""
-        cfg, labels = self.cfg, y_val.astype(np.uint8)
-        logits, probs = predict(core, x_val, cfg.batch_size, device, amp)
+        cfg = self.cfg
+        logits, probs, labels, ids = _predict_val(core, source, device, amp)
         variants = {"averaged_bn": _val_stats(logits, labels)}
         averaged = {k: v.clone() for k, v in core.state_dict().items()}
-        training.update_bn(core, x_train, cfg.batch_size, device)
-        logits_bn, probs_bn = predict(core, x_val, cfg.batch_size, device, amp)
-        variants["recomputed_bn"] = _val_stats(logits_bn, labels)
+        training.update_bn(core, source.train_images(), device)
+        logits_bn, probs_bn, labels_bn, ids_bn = _predict_val(core, source, device, amp)
+        variants["recomputed_bn"] = _val_stats(logits_bn, labels_bn)
         if cfg.swa_update_bn:
-            probs = probs_bn
+            probs, ids = probs_bn, ids_bn  # a stream's rows may come in another order each pass
         else:
             core.load_state_dict(averaged)
         val_loss, auc = variants["recomputed_bn" if cfg.swa_update_bn else "averaged_bn"]
@@ -116,4 +144,4 @@ class ClassifierTask:
             val_loss,
             {"auc": [float(a) for a in auc],
              "swa_bn_variants": {k: {"val_loss": lv, "auc": [float(a) for a in av]} for k, (lv, av) in variants.items()}},
-            {OOF_FILE: {"image_ids": val_rows.column("image_id").to_pylist(), "probs": probs.tolist()}})
+            {OOF_FILE: {"image_ids": ids, "probs": probs.tolist()}})

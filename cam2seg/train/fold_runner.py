@@ -37,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 # Settings that change how a run executes but not what it learns: they stay out of run keys.
 RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
-                "gpus_per_worker"}
+                "gpus_per_worker", "decoders", "decode_cpus"}
 
 _POLL_S = 1.0    # how often the driver shows the workers' new lines
 # Ray Train's controller polls its workers every 2 s by default, so it learns that a fold's loop
@@ -48,18 +48,6 @@ _POLL_S = 1.0    # how often the driver shows the workers' new lines
 _HEALTH_CHECK_VAR, _HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 _NOTE_S = 60.0   # a "still training" line after this long without news of a fold
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's run state, in each run folder (Ray 2.60)
-
-
-def _storage(url: str):
-    """(storage_path, storage_filesystem) for Ray Train from an fsspec URL."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = io.filesystem(url)
-    if isinstance(fs, LocalFileSystem):
-        return os.path.abspath(path), None
-    import pyarrow.fs as pafs
-
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def run_url(work: str, fold: int) -> str:
@@ -98,13 +86,24 @@ def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers:
                max_failures: int, staged: tuple[str, ...]) -> dict:
     """Train one fold with Ray Train; stage its final checkpoint to ``done_url(work, fold)``
     (:func:`stage_checkpoint`)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_fs = _storage(io.join(work, "runs"))  # the run folder: run_url(work, fold)
+    datasets = {}
+    if loop_config.get("ingest") == "stream":
+        from .ingest import fold_datasets
+
+        c = loop_config[loop_config["task"]]
+        datasets = fold_datasets(loop_config, cpus=c["decode_cpus"], decoders=c["decoders"], batch_rows=c["batch_size"],
+                                 seed=c["seed"] * 1000 + fold)
+
+    storage_path, storage_fs = io.arrow_filesystem(io.join(work, "runs"))  # the run folder: run_url(work, fold)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        # "val" unsplit: every worker scores the whole held-out fold, so out-of-fold predictions
+        # cover each image once (a split would drop rows to even the shards out).
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})},
@@ -277,10 +276,42 @@ def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, st
     configs = fold_configs(task, cfg, url, k_folds, todo, extra)
     for k, found in orphans.items():
         configs[k]["resume_from"] = found
+    mode = _ingest(cfg, table, configs, gpus)
     _log.info(f"training {len(configs)} of {k_folds} {what}: {table.num_rows} images, {cfg.epochs} epochs, "
-              f"{cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker; checkpoints under {work}/runs")
+              f"{cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker, images {mode}; "
+              f"checkpoints under {work}/runs")
     run_folds(train_loop_per_worker, configs, work, workers=cfg.workers_per_fold, cpus=cfg.cpus_per_worker, gpus=gpus,
               max_failures=cfg.max_failures, staged=staged, t0=t0)
+
+
+def _ingest(cfg, table, configs: dict[int, dict], gpus: float) -> str:
+    """Resolve ``cfg.ingest`` for this run's size and put it, with each fold's row counts, into
+    the loop configs; "in memory" or "streamed by Ray Data" for the log line. Streaming needs
+    CPUs beside the training workers' for its read tasks and decode actors: raises ValueError
+    when the cluster has too few (Ray Data would wait for them forever)."""
+    from ..raycluster import cluster_cpus
+    from .ingest import ingest_mode
+
+    folds = table.column("fold").to_numpy()
+    size = tuple(next(iter(configs.values())).get("size", cfg.size)) if configs else tuple(cfg.size)
+    channels = len(table.column("labels")[0]) if "rles" in table.column_names and table.num_rows else 0
+    largest = max((int((folds != k).sum()) for k in configs), default=0)
+    mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb)
+    for k, c in configs.items():
+        c["ingest"] = mode
+        c["rows"] = {"train": int((folds != k).sum()), "val": int((folds == k).sum())}
+    if mode != "stream" or not configs:
+        return "in memory"
+    workers = len(configs) * cfg.workers_per_fold
+    # per fold: the training split's reads and decoders, and each worker's own pass over "val"
+    need = workers * cfg.cpus_per_worker + len(configs) * (cfg.workers_per_fold + 2) * cfg.decoders * cfg.decode_cpus
+    have = cluster_cpus()
+    if need > have + 1e-9:
+        raise ValueError(
+            f"streaming {len(configs)} fold(s) needs about {need:g} CPUs ({workers} training worker(s) at "
+            f"{cfg.cpus_per_worker:g}, plus Ray Data's decoders at {cfg.decode_cpus:g} each) and the cluster has "
+            f"{have:g}: lower cpus_per_worker, decoders or decode_cpus, or use ingest: memory")
+    return "streamed by Ray Data"
 
 
 def drop_checkpoints(out: str, cfg) -> None:

@@ -107,10 +107,13 @@ def restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
 
 
 @torch.no_grad()
-def update_bn(model, images: np.ndarray, batch_size: int, device, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD) -> None:
-    """Recompute BatchNorm running statistics of averaged weights over ``uint8[N, H, W]`` images."""
+def update_bn(model, batches, device, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD) -> None:
+    """Recompute BatchNorm running statistics of averaged weights over ``batches`` (an iterable
+    of ``uint8[B, H, W]`` image batches, read once)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
+        for _ in batches:  # a streamed split is read to its end on every rank (see ingest.Streamed)
+            pass
         return
     momenta = {}
     for bn in bns:
@@ -118,8 +121,8 @@ def update_bn(model, images: np.ndarray, batch_size: int, device, mean=preproces
         momenta[bn] = bn.momentum
         bn.momentum = None  # cumulative average over all batches
     model.train()
-    for i in range(0, len(images), batch_size):
-        model(preprocess.to_input(images[i : i + batch_size], mean, std, device=device))
+    for images in batches:
+        model(preprocess.to_input(images, mean, std, device=device))
     for bn in bns:
         bn.momentum = momenta[bn]
 
@@ -237,6 +240,30 @@ class FoldState:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def _peak_rss_mib() -> float:
+    """This worker process's peak resident memory so far, MiB (what ``ingest`` is chosen by)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def fold_source(task, config: dict, rank: int, world: int):
+    """The fold's batches (:mod:`cam2seg.train.ingest`): streamed when the fold runner gave the
+    run Ray Data datasets (``config["ingest"] == "stream"``), else decoded into memory."""
+    from . import ingest
+
+    cfg, fold = task.cfg, int(config["fold"])
+    seed = cfg.seed * 1000 + fold
+    if config.get("ingest") == "stream":
+        rows = config["rows"]
+        return ingest.Streamed((rows["train"] // world, rows["val"]), cfg.batch_size, seed, cfg.shuffle_rows)
+    source = ingest.InMemory(task, config["manifest"], fold, int(config["folds"]), cfg.batch_size, seed, rank, world)
+    task.observe(source.y_train)
+    return source
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function for one fold of either stage. ``config``: ``task`` (a name in
     :data:`cam2seg.train.tasks.TASKS`), the task's config section under that name (a dict),
@@ -244,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from . import data, manifest
+    from . import data
     from .tasks import TASKS
 
     task = TASKS[config["task"]](config)
@@ -268,19 +295,22 @@ def train_loop_per_worker(config: dict) -> None:
     start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
 
     t_load = time.perf_counter()
-    train_rows, val_rows = manifest.read_fold(config["manifest"], fold, int(config["folds"]))
-    x_train, y_train = task.decode(train_rows)
-    x_val, y_val = task.decode(val_rows)
-    say(f"loaded {len(x_train)} training and {len(x_val)} validation images at {x_train.shape[1]}x{x_train.shape[2]} "
-        f"in {time.perf_counter() - t_load:.1f}s{task.load_note(y_train)}; device {device}, {world} worker(s)")
+    source = fold_source(task, config, rank, world)
+    n_train, n_val = source.counts
+    how = "streaming" if config.get("ingest") == "stream" else "loaded"
+    say(f"{how} {n_train} training and {n_val} validation images at {task.size[0]}x{task.size[1]}"
+        f"{'' if how == 'streaming' else f' in {time.perf_counter() - t_load:.1f}s'}{task.load_note()}; "
+        f"device {device}, {world} worker(s)")
     augment = data.build_augment(cfg.augment, seed=cfg.seed * 1000 + fold + 7919 * start)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         total, seen = 0.0, 0
-        for idx in data.epoch_batches(len(x_train), cfg.batch_size, epoch, cfg.seed * 1000 + fold, rank, world):
-            imgs, tgts = task.augment(augment, x_train[idx], y_train[idx])
+        for imgs, tgts in source.train(epoch):
+            if how == "streaming" and epoch == start:
+                task.observe(tgts)  # what the in-memory source counted over the whole fold
+            imgs, tgts = task.augment(augment, imgs, tgts)
             x = preprocess.to_input(imgs, device=device)
             y = torch.from_numpy(np.ascontiguousarray(tgts)).to(device)
             opt.zero_grad(set_to_none=True)
@@ -288,10 +318,10 @@ def train_loop_per_worker(config: dict) -> None:
                 logits = model(x)
             loss = task.loss(logits.float(), y)
             fs.step(loss)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+            total += float(loss.detach()) * len(imgs)
+            seen += len(imgs)
         train_loss = total / max(seen, 1)
-        val = task.validate(core, x_val, y_val, device, amp)
+        val = task.validate(core, source, device, amp)
         lrs = [g["lr"] for g in opt.param_groups]
         sched.step(val.loss)
         kept = keeper.offer(val.loss, epoch, core.state_dict())
@@ -303,8 +333,9 @@ def train_loop_per_worker(config: dict) -> None:
         fs.report({"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val.loss}, epoch)
 
     core.load_state_dict(keeper.average())
-    end = task.finish(core, keeper, x_train, x_val, y_val, val_rows, device, amp, say)
+    end = task.finish(core, keeper, source, device, amp, say)
     final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": end.loss, "history": history,
+             "ingest": config.get("ingest", "memory"), "rows": config.get("rows"), "peak_rss_mib": _peak_rss_mib(),
              **end.final}
     fs.report({"fold": fold, "epoch": cfg.epochs, "val_loss": end.loss, "final": True}, cfg.epochs - 1, final=final,
               tensors={SWA_FILE: core.state_dict()}, jsons=end.jsons)

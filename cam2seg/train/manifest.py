@@ -28,13 +28,14 @@ import pyarrow.parquet as pq
 
 from .. import io
 
-__all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows",
+__all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows", "fold_url",
            "table_digest"]
 
 BASE_SCHEMA = pa.schema([("index", pa.int32()), ("image_id", pa.string()), ("uri", pa.string()), ("fold", pa.int8()),
                          ("labels", pa.list_(pa.uint8()))])
 MASK_COLUMNS = [("height", pa.int16()), ("width", pa.int16()), ("rles", pa.list_(pa.string()))]
 _COMPLETE = "_complete"
+_ROW_GROUP = 512
 
 
 def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None) -> pa.Table:
@@ -79,15 +80,21 @@ def write_manifest(url: str, table: pa.Table) -> str:
     for k in np.unique(folds):
         part = table.filter(pc.equal(table.column("fold"), pa.scalar(int(k), pa.int8())))
         buf = pa.BufferOutputStream()
-        pq.write_table(part, buf, compression="zstd")
-        io.write_bytes(io.join(url, f"fold={int(k)}", "part-0.parquet"), buf.getvalue().to_pybytes())
+        # Row groups of _ROW_GROUP rows: Ray Data reads and shuffles a streamed fold in blocks of that size.
+        pq.write_table(part, buf, compression="zstd", row_group_size=_ROW_GROUP)
+        io.write_bytes(fold_url(url, int(k)), buf.getvalue().to_pybytes())
     io.write_bytes(io.join(url, _COMPLETE), b"")
     return url
 
 
+def fold_url(url: str, fold: int) -> str:
+    """The Parquet file of one fold of the manifest at ``url``."""
+    return io.join(url, f"fold={int(fold)}", "part-0.parquet")
+
+
 def fold_rows(url: str, fold: int) -> pa.Table:
     """The manifest rows of one fold."""
-    fs, path = io.filesystem(io.join(url, f"fold={int(fold)}", "part-0.parquet"))
+    fs, path = io.filesystem(fold_url(url, fold))
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
 

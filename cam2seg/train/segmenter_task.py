@@ -14,52 +14,29 @@ pseudo-masks, refined with the image-level labels; false: true masks, used as th
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import preprocess, rle
+from .. import preprocess
 from ..config import SegmenterConfig
-from ..models.losses import IGNORE, segmentation_loss
+from ..models.losses import segmentation_loss
 from ..models.segmenter import create_segmenter
 from . import loop as training
-from .targets import refine_targets
+from . import decode
+from .targets import IGNORE
 
-__all__ = ["SegmenterTask", "build_targets"]
-
-
-def build_targets(rles: list[list[str]], shapes: list[tuple[int, int]], size: tuple[int, int],
-                  labels: list[list[int]] | None, cfg: SegmenterConfig) -> np.ndarray:
-    """Targets ``int8[N, C, h, w]`` at ``size`` from per-image, per-class RLE at each image's
-    original ``shapes``; ``labels`` (image-level, ``[N][C]``) switch the pseudo-mask
-    refinements on (None: true masks, used as they are)."""
-    n, c = len(rles), len(rles[0]) if rles else 0
-    out = np.zeros((n, c, *size), np.int8)
-    for i, (per_class, (h, w)) in enumerate(zip(rles, shapes)):
-        masks = np.zeros((c, *size), bool)
-        for k, r in enumerate(per_class):
-            if r:
-                m = rle.decode(r, h, w)
-                if (h, w) != tuple(size):
-                    m = cv2.resize(m.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
-                masks[k] = m
-        if labels is None:
-            out[i] = masks
-        else:
-            out[i] = refine_targets(masks, np.asarray(labels[i]), absent_zero=cfg.absent_zero,
-                                    present_empty=cfg.present_empty, ignore_band=cfg.ignore_band)
-    return out
+__all__ = ["SegmenterTask"]
 
 
 class SegmenterTask:
     section, log_name = "segmenter", "segmenter fold"
 
     def __init__(self, config: dict):
-        self.cfg = SegmenterConfig(**config[self.section])
+        self.cfg, self.config = SegmenterConfig(**config[self.section]), config
         self.num_classes, self.size = int(config["num_classes"]), tuple(config["size"])
         self.refine = bool(config["refine"])
-        self.ignored = 0.0
+        self.ignored_px = self.total_px = 0
 
     def create_model(self):
         c = self.cfg
@@ -74,14 +51,19 @@ class SegmenterTask:
 
     def decode(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Manifest rows -> (images ``uint8[N, h, w]``, targets ``int8[N, C, h, w]`` in {0, 1, IGNORE})."""
-        x = preprocess.load_images(rows.column("uri").to_pylist(), self.size, self.cfg.load_threads)
-        shapes = list(zip(rows.column("height").to_pylist(), rows.column("width").to_pylist()))
-        labels = rows.column("labels").to_pylist() if self.refine else None
-        return x, build_targets(rows.column("rles").to_pylist(), shapes, self.size, labels, self.cfg)
+        return decode.segmenter_rows(rows, self.config)
 
-    def load_note(self, y_train: np.ndarray) -> str:
-        self.ignored = float((y_train == IGNORE).mean())
-        return f" ({self.ignored:.1%} of training pixels ignored)"
+    def observe(self, targets: np.ndarray) -> None:
+        """Count the ignored pixels of training targets ``int8[B, C, h, w]`` as they are read."""
+        self.ignored_px += int((targets == IGNORE).sum())
+        self.total_px += int(targets.size)
+
+    @property
+    def ignored(self) -> float | None:
+        return self.ignored_px / self.total_px if self.total_px else None
+
+    def load_note(self) -> str:
+        return "" if self.ignored is None else f" ({self.ignored:.1%} of training pixels ignored)"
 
     @staticmethod
     def augment(augment, imgs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,21 +81,21 @@ class SegmenterTask:
         return segmentation_loss(logits, y, self.cfg.bce_weight, self.cfg.dice_weight)
 
     @torch.no_grad()
-    def validate(self, core, x_val, y_val, device, amp) -> training.Validation:
+    def validate(self, core, source, device, amp) -> training.Validation:
         core.eval()
-        total, seen, bs = 0.0, 0, self.cfg.batch_size
-        for i in range(0, len(x_val), bs):
-            x = preprocess.to_input(x_val[i : i + bs], device=device)
-            y = torch.from_numpy(y_val[i : i + bs]).to(device)
+        total, seen = 0.0, 0
+        for images, targets, _ in source.val():
+            x = preprocess.to_input(images, device=device)
+            y = torch.from_numpy(np.ascontiguousarray(targets)).to(device)
             with training.autocast(device, amp):
                 logits = core(x)
             total += float(self.loss(logits.float(), y)) * len(x)
             seen += len(x)
         return training.Validation(total / max(seen, 1))
 
-    def finish(self, core, keeper, x_train, x_val, y_val, val_rows, device, amp, say) -> training.Finish:
+    def finish(self, core, keeper, source, device, amp, say) -> training.Finish:
         if len(keeper.entries) > 1:
-            training.update_bn(core, x_train, self.cfg.batch_size, device)
-        val = self.validate(core, x_val, y_val, device, amp)
+            training.update_bn(core, source.train_images(), device)
+        val = self.validate(core, source, device, amp)
         say(f"kept epochs {[e + 1 for e in keeper.epochs]}: val_loss {val.loss:.4f}")
         return training.Finish(val.loss, {"ignored_fraction": self.ignored})

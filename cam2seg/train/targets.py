@@ -3,7 +3,7 @@
 Pseudo-masks are wrong in known ways: CAM blobs spill over defect edges, the classifier's
 gate lets through classes the image does not hold, and a class it missed has an empty mask
 although the image-level label says a defect is there. Each refinement below turns such
-pixels into 0 (background) or :data:`~cam2seg.models.losses.IGNORE` (left out of the loss)
+pixels into 0 (background) or :data:`IGNORE` (left out of the loss)
 instead of teaching the network the error. All take and return plain arrays.
 """
 
@@ -12,9 +12,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..models.losses import IGNORE
+from .. import rle
 
-__all__ = ["refine_targets", "edge_band"]
+IGNORE = -1  # target value of pixels left out of the loss (cam2seg/models/losses.py skips them)
+
+__all__ = ["IGNORE", "refine_targets", "edge_band", "build_targets"]
 
 
 def edge_band(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -49,4 +51,28 @@ def refine_targets(masks: np.ndarray, labels: np.ndarray | None = None, *, absen
             continue
         if ignore_band:
             out[c][edge_band(masks[c], ignore_band)] = IGNORE
+    return out
+
+
+def build_targets(rles: list[list[str]], shapes: list[tuple[int, int]], size: tuple[int, int],
+                  labels: list[list[int]] | None, cfg) -> np.ndarray:
+    """Targets ``int8[N, C, h, w]`` at ``size`` from per-image, per-class RLE at each image's
+    original ``shapes``; ``labels`` (image-level, ``[N][C]``) switch the pseudo-mask
+    refinements on (None: true masks, used as they are), with the settings ``cfg`` has
+    (``absent_zero``, ``present_empty``, ``ignore_band``: a SegmenterConfig or its fields)."""
+    n, c = len(rles), len(rles[0]) if rles else 0
+    out = np.zeros((n, c, *size), np.int8)
+    for i, (per_class, (h, w)) in enumerate(zip(rles, shapes)):
+        masks = np.zeros((c, *size), bool)
+        for k, r in enumerate(per_class):
+            if r:
+                m = rle.decode(r, h, w)
+                if (h, w) != tuple(size):
+                    m = cv2.resize(m.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+                masks[k] = m
+        if labels is None:
+            out[i] = masks
+        else:
+            out[i] = refine_targets(masks, np.asarray(labels[i]), absent_zero=cfg.absent_zero,
+                                    present_empty=cfg.present_empty, ignore_band=cfg.ignore_band)
     return out
