@@ -197,7 +197,7 @@ def _train(root: str, images: int, epochs: int) -> None:
         synth.write_archive(data, images=n, height=size[0], width=size[1], seed=1, mix="balanced", progress=None)
         for mode in ("memory", "stream"):
             cfg = SegmenterConfig(encoder="tu-mobilenetv3_small_100", folds=2, epochs=epochs, batch_size=16, size=size,
-                                  load_threads=2, ingest=mode, cpus_per_worker=0.5, decode_cpus=0.25, seed=0)
+                                  load_threads=2, ingest=mode, cpus_per_worker=0.5, decode_cpus=0.1, seed=0)
             t0 = time.perf_counter()
             card = train_segmenter(data, "truth", f"{root}/seg-{n}-{mode}", cfg)
             folds = card.metrics["folds"]
