@@ -276,7 +276,7 @@ def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, st
     configs = fold_configs(task, cfg, url, k_folds, todo, extra)
     for k, found in orphans.items():
         configs[k]["resume_from"] = found
-    mode = _ingest(cfg, table, configs, gpus)
+    mode = _ingest(cfg, table, configs)
     _log.info(f"training {len(configs)} of {k_folds} {what}: {table.num_rows} images, {cfg.epochs} epochs, "
               f"{cfg.workers_per_fold} worker(s) per fold, {gpus:g} GPU(s) per worker, images {mode}; "
               f"checkpoints under {work}/runs")
@@ -284,23 +284,25 @@ def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, st
               max_failures=cfg.max_failures, staged=staged, t0=t0)
 
 
-def _ingest(cfg, table, configs: dict[int, dict], gpus: float) -> str:
+def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     """Resolve ``cfg.ingest`` for this run's size and put it, with each fold's row counts, into
     the loop configs; "in memory" or "streamed by Ray Data" for the log line. Streaming needs
-    CPUs beside the training workers' for its read tasks and decode actors: raises ValueError
+    CPUs beside the training workers' for its read and decode tasks: raises ValueError
     when the cluster has too few (Ray Data would wait for them forever)."""
     from ..raycluster import cluster_cpus
     from .ingest import ingest_mode
 
+    if not configs:  # every fold finished earlier: nothing reads images
+        return "in memory"
     folds = table.column("fold").to_numpy()
-    size = tuple(next(iter(configs.values())).get("size", cfg.size)) if configs else tuple(cfg.size)
+    size = tuple(next(iter(configs.values())).get("size", cfg.size))
     channels = len(table.column("labels")[0]) if "rles" in table.column_names and table.num_rows else 0
     largest = max((int((folds != k).sum()) for k in configs), default=0)
     mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb)
     for k, c in configs.items():
         c["ingest"] = mode
         c["rows"] = {"train": int((folds != k).sum()), "val": int((folds == k).sum())}
-    if mode != "stream" or not configs:
+    if mode != "stream":
         return "in memory"
     workers = len(configs) * cfg.workers_per_fold
     # per fold: the training split's reads and decoders, and each worker's own pass over "val"
