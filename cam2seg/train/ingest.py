@@ -22,7 +22,6 @@ fold. Its batch order comes from Ray Data's local shuffle buffer, so it differs 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,8 +31,6 @@ from .. import io
 from . import data, manifest
 
 __all__ = ["InMemory", "Streamed", "decode_rows", "fold_datasets", "ingest_mode", "decoded_bytes"]
-
-_log = logging.getLogger(__name__)
 
 
 def decoded_bytes(rows: int, size: tuple[int, int], target_channels: int) -> int:
