@@ -13,10 +13,12 @@ STAMP  := $(VENV)/.installed
 
 # One pip command for everything: s3fs and moto[server] must be resolved together or their
 # botocore pins clash. Re-installs only when the project's dependency files change.
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/datumaro.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev]'
+	test -x $(VENV)/datumaro/bin/python || $(PYTHON) -m venv $(VENV)/datumaro
+	$(VENV)/datumaro/bin/python -m pip install -q -r requirements/datumaro.txt
 	$(BIN)/python -m cam2seg.doctor
 	touch $(STAMP)
 

@@ -302,20 +302,20 @@ def _data_rows(header, rows, bad: list[str]):
         yield line, row
 
 
-def _parse_long(source, header, rows, num_classes):
-    """train.csv: ImageId,ClassId,EncodedPixels; one row per (image, defect class)."""
+def mask_rows(source, header, rows, num_classes, bad: list[str], dup: list[str], keep=None):
+    """Yield (line, image id, class id, RLE text or "") of a long CSV's data rows
+    (``ImageId,ClassId,EncodedPixels``; ``header`` the stripped first row, ``rows`` the rest).
+    Rows with a bad class id or RLE syntax go to ``bad``, repeated (image, class) pairs to ``dup``
+    (the caller raises); ``keep(line, image_id)`` may drop a row (False) after the id check."""
     missing = [c for c in ("ImageId", "ClassId", "EncodedPixels") if c not in header]
     if missing:
         raise ArchiveError(f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
     ci, cc, ce = (header.index(c) for c in ("ImageId", "ClassId", "EncodedPixels"))
-    listed: dict[str, int] = {}
-    labels: dict[str, np.ndarray] = {}
-    rles: dict[tuple[str, int], tuple[str, int]] = {}
     seen: dict[tuple[str, int], int] = {}
-    bad, dup = [], []
-    n_with, n_without = 0, 0
     for line, row in _data_rows(header, rows, bad):
         image_id = _check_id(source, line, row[ci])
+        if keep is not None and not keep(line, image_id):
+            continue
         try:
             class_id = int(row[cc])
         except ValueError:
@@ -336,8 +336,20 @@ def _parse_long(source, header, rows, num_classes):
             except rle.RLEError as e:
                 bad.append(f"line {line}: EncodedPixels: {e}")
                 continue
+        yield line, image_id, class_id, text
+
+
+def _parse_long(source, header, rows, num_classes):
+    """train.csv: ImageId,ClassId,EncodedPixels; one row per (image, defect class)."""
+    listed: dict[str, int] = {}
+    labels: dict[str, np.ndarray] = {}
+    rles: dict[tuple[str, int], tuple[str, int]] = {}
+    bad, dup = [], []
+    n_with, n_without = 0, 0
+    for line, image_id, class_id, text in mask_rows(source, header, rows, num_classes, bad, dup):
+        if text:
             n_with += 1
-            rles[key] = (text, line)
+            rles[(image_id, class_id)] = (text, line)
         else:
             n_without += 1
         listed.setdefault(image_id, line)

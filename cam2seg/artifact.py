@@ -53,7 +53,8 @@ class SegmenterHead(_Part):
 
 class Training(_Part):
     """How the weights came about: the run key (a hash of config and data), the config, and for
-    a segmenter the masks it learned from (``"truth"`` or a label store with its runs)."""
+    a segmenter the masks it learned from (``"truth"`` or a label store with its runs) and, with
+    mixed supervision, ``supervision``: the masks file and how many images of each kind trained."""
 
     run_key: str = ""
     config: dict[str, Any] = {}
@@ -63,6 +64,7 @@ class Training(_Part):
     label_model: str | None = None
     label_model_versions: list[str] | None = None
     refinements: dict[str, Any] | None = None
+    supervision: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):

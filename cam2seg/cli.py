@@ -164,9 +164,11 @@ def cmd_train_segmenter(args) -> int:
     from .pipeline.segment import train_segmenter
 
     cfg = effective_config(args).segmenter
-    card = train_segmenter(args.data, args.masks, args.out, cfg, force=args.force)
+    card = train_segmenter(args.data, args.masks, args.out, cfg, force=args.force, true_masks=args.true_masks)
+    mixed = card.training.supervision
+    also = f" and the true masks of {mixed['true_mask_images']} image(s)" if mixed else ""
     print(f"segmenter {args.out}: {card.head.architecture} with {card.architecture}, {card.folds} folds, "
-          f"trained on {card.training.masks}, version {card.version}, "
+          f"trained on {card.training.masks}{also}, version {card.version}, "
           f"mean validation loss {card.metrics['val_loss_mean']:.4f}")
     return 0
 
@@ -178,19 +180,44 @@ def cmd_evaluate(args) -> int:
     if not (args.model or args.store or args.segmenter):
         raise ValueError("give --model (CAM masks, Table 2), --store and/or --segmenter (Table 3)")
     cfg = effective_config(args).evaluate
+    truth, write = args.truth, not args.no_write
+    if args.archive:
+        truth, enough, note = _covered_truth(args.truth, args.archive, cfg)
+        print(note)
+        write = write and enough
     if args.model:
-        _, table = evaluate_cams(args.model, args.truth, write=not args.no_write, objective=cfg.objective,
+        _, table = evaluate_cams(args.model, truth, write=write, objective=cfg.objective,
                                  batch_size=cfg.batch_size, guided=cfg.guided)
         print(table)
-        if not args.no_write:
+        if write:
             print(f"wrote Table 2 and the tuned thresholds to {args.model}/model.json")
     if args.store or args.segmenter:
-        _, table = evaluate_segmenters(args.truth, args.segmenter or [], args.store, objective=cfg.objective,
-                                       write=not args.no_write, batch_size=cfg.batch_size)
+        _, table = evaluate_segmenters(truth, args.segmenter or [], args.store, objective=cfg.objective,
+                                       write=write, batch_size=cfg.batch_size)
         print(table)
-        if args.segmenter and not args.no_write:
+        if args.segmenter and write:
             print("wrote out-of-fold Dice and tuned thresholds to " + ", ".join(f"{s}/model.json" for s in args.segmenter))
     return 0
+
+
+def _covered_truth(masks_url: str, archive_url: str, cfg):
+    """(the archive cut to the images a masks file covers, whether they are enough to tune on,
+    the line that says what the tuning rests on)."""
+    from .archive import Archive
+    from .truemasks import covered_archive, read_true_masks
+
+    archive = Archive.open(archive_url)
+    tm = read_true_masks(masks_url, archive)
+    if not len(tm):
+        raise ValueError(f"{masks_url} covers no image of {archive.source}")
+    truth = covered_archive(archive, tm)
+    rests = (f"tuning rests on the {len(tm)} image(s) of {masks_url} ({tm.positives} positive pairs; the archive has "
+             f"{len(archive)} images)")
+    if len(tm) < cfg.min_images or tm.positives < cfg.min_positive_pairs:
+        return truth, False, (f"{rests}: fewer than evaluate.min_images {cfg.min_images} / min_positive_pairs "
+                              f"{cfg.min_positive_pairs}, so the cards keep their defaults (scores below are printed "
+                              "only)")
+    return truth, True, rests
 
 
 def cmd_demo(args) -> int:
@@ -218,6 +245,28 @@ def cmd_export_coco(args) -> int:
     order = "lowest-confidence first" if cfg.order == "confidence" else "in image id order"
     print(f"wrote {s['images']} images and {s['annotations']} {cfg.format} annotations to {s['out']} "
           f"(COCO instance segmentation; images {order})")
+    return 0
+
+
+def _category_map(items) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        name, sep, cls = item.rpartition("=")
+        if not sep or not name.strip() or not cls.strip().isdigit():
+            raise ValueError(f"--category {item!r}: expected NAME=CLASS (a COCO category name or id, and a class id)")
+        out[name.strip()] = int(cls)
+    return out
+
+
+def cmd_import_coco(args) -> int:
+    from .review.coco_import import import_coco
+
+    cfg = effective_config(args).import_coco
+    s = import_coco(args.file, args.archive, args.out, categories={**cfg.categories, **_category_map(args.category)},
+                    unannotated=cfg.unannotated, force=args.force, max_bytes=cfg.max_mb * 2**20)
+    print(f"wrote {s['out']}: true masks of {s['images']} reviewed image(s) ({s['masks']} non-empty masks from "
+          f"{s['annotations']} annotations; {s['clean']} reviewed clean); {s['skipped']} image(s) without "
+          "annotations left out" + (" (pass --unannotated clean if the reviewers checked them)" if s["skipped"] else ""))
     return 0
 
 
@@ -271,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "segmenter (for a nightly schedule)")
     config_flags(p, "nightly", [("model", {"metavar": "MODEL"}), ("images", {"metavar": "PREFIX"}),
                                 ("store", {"flag": "--out", "metavar": "STORE"}), "retrain_after",
-                                ("data", {"metavar": "ARCHIVE"}), ("segmenter", {"metavar": "SEG"})])
+                                ("data", {"metavar": "ARCHIVE"}), ("segmenter", {"metavar": "SEG"}),
+                                ("true_masks", {"metavar": "MASKS.csv"})])
     _add_config(p)
     p.set_defaults(func=cmd_nightly)
 
@@ -282,19 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="SEG", help="artifact folder to write (any fsspec URL)")
     config_flags(p, "segmenter", [("folds", {"metavar": "K"}), "epochs", "size", ("encoder", {"metavar": "NAME"}),
                                   ("architecture", {"metavar": "NAME"}), "batch_size", ("ignore_band", {"metavar": "PX"}),
-                                  ("seed", {"metavar": "S"})])
+                                  ("seed", {"metavar": "S"}), "true_mask_weight"])
+    p.add_argument("--true-masks", metavar="MASKS.csv",
+                   help="mixed supervision: a masks file (from import-coco, or an old project's) whose images train "
+                        "on their true masks; every other image on its pseudo-mask (needs a STORE as --masks)")
     p.add_argument("--force", action="store_true", help="retrain even if SEG already holds this segmenter")
     _add_config(p)
     p.set_defaults(func=cmd_train_segmenter)
 
     p = sub.add_parser("evaluate", help="score pseudo-masks and segmenters out of fold (paper's Tables 2 and 3)")
-    p.add_argument("--truth", required=True, metavar="ARCHIVE", help="the archive the models were trained on, with masks")
+    p.add_argument("--truth", required=True, metavar="ARCHIVE|MASKS.csv",
+                   help="the archive the models were trained on, with masks; or, with --archive, a masks file "
+                        "(import-coco's) covering some of its images, which are then the only ones scored and tuned on")
+    p.add_argument("--archive", metavar="ARCHIVE", help="the archive when --truth is a masks file")
     p.add_argument("--model", metavar="MODEL", help="classifier artifact: its CAM masks (Table 2), tunes its thresholds")
     p.add_argument("--store", metavar="STORE", help="label store: score its pseudo-masks as stored (Table 3)")
     p.add_argument("--segmenter", metavar="SEG", action="extend", nargs="+",
                    help="segmenter artifact(s), one or more, the flag repeatable: out-of-fold Dice, paper "
                         "heuristics and tuned (Table 3)")
-    config_flags(p, "evaluate", ["objective", "guided", "batch_size"])
+    config_flags(p, "evaluate", ["objective", "guided", "batch_size", "min_images", "min_positive_pairs"])
     p.add_argument("--no-write", action="store_true", help="print only; leave the model card as it is")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
@@ -317,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_export_coco)
 
+    p = sub.add_parser("import-coco", help="reviewed masks from a COCO file (CVAT / Label Studio export) as a masks "
+                       "file for --true-masks and evaluate --truth")
+    p.add_argument("file", metavar="FILE.json", help="COCO instance-segmentation file (any fsspec URL)")
+    p.add_argument("--archive", required=True, metavar="ARCHIVE", help="the archive the images belong to")
+    p.add_argument("--out", required=True, metavar="MASKS.csv",
+                   help="masks file to write (ImageId,ClassId,EncodedPixels; never the archive's own train.csv)")
+    p.add_argument("--category", action="append", metavar="NAME=CLASS",
+                   help="map a COCO category (name or id) to a class id; repeatable, added to the config's "
+                        "import_coco.categories (default: names like 'class 3')")
+    config_flags(p, "import_coco", ["unannotated"])
+    p.add_argument("--force", action="store_true", help="replace MASKS.csv when it exists")
+    _add_config(p)
+    p.set_defaults(func=cmd_import_coco)
+
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic archive, with a report (see --preset)")
     p.add_argument("--workdir", default="demo-run", help="where everything is written (default ./demo-run); "
                    "re-running in the same folder resumes")
@@ -334,14 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     from .artifact import ArtifactError
     from .config import ConfigError
     from .rle import RLEError
+    from .review.coco_import import CocoError
     from .store import StoreError
 
     args = build_parser().parse_args(argv)
     logs.configure()
     try:
         return args.func(args)
-    except (ConfigError, ArchiveError, ArtifactError, RLEError, StoreError, FileNotFoundError, NotADirectoryError,
-            ValueError) as e:
+    except (ConfigError, ArchiveError, ArtifactError, RLEError, StoreError, CocoError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, ValueError) as e:
         print(f"cam2seg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -206,6 +206,9 @@ class SegmenterConfig(_FoldTraining):
                              "first Table 3 run); on refined masks, whose streaks are 1-2 px wide, 1 took the U-Net "
                              "from 0.18 to 0.49 positive-pair Dice (BENCHMARKS.md, refined pseudo-masks)")
     swa_epochs: int = Field(1, ge=1, description="average the weights of this many best epochs (by validation loss)")
+    # Mixed supervision (--true-masks): true masks where an image has them, pseudo-masks elsewhere
+    true_mask_weight: int = Field(1, ge=1, le=255, description="times each true-mask image is a training image per "
+                                  "epoch with --true-masks (1: as often as a pseudo-mask image)")
 
 
 class NightlyConfig(_Section):
@@ -223,6 +226,9 @@ class NightlyConfig(_Section):
     data: str | None = Field(None, description="for retraining: the archive (or labels CSV) with the image-level "
                              "labels of the labeled images; its train_images/ must be the images prefix")
     segmenter: str | None = Field(None, description="for retraining: the segmenter artifact to (re)write")
+    true_masks: str | None = Field(None, description="for retraining: the reviewers' corrections, a masks file "
+                                   "(cam2seg import-coco writes one), trained on as true masks; a changed file "
+                                   "makes a retraining due")
 
 
 class EvaluateConfig(_Section):
@@ -234,6 +240,10 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per inference batch")
     guided: bool = Field(True, description="score the Guided GradCAM++ rows (a full backward per class: the "
                          "slowest row)")
+    min_images: int = Field(16, ge=1, description="with a masks file covering some images (--archive): fewer "
+                            "covered images than this and the tuned settings are not written (the cards keep "
+                            "their defaults)")
+    min_positive_pairs: int = Field(8, ge=1, description="the same for the covered images' non-empty masks")
 
 
 class ReportConfig(_Section):
@@ -250,6 +260,17 @@ class ExportConfig(_Section):
         "them as masks; Label Studio's COCO converter cannot)")
     order: Literal["confidence", "id"] = Field("confidence", description="images lowest-confidence first, or by image id")
     limit: int | None = Field(None, ge=0, description="export only the first N images (in this order; None: all)")
+
+
+class ImportConfig(_Section):
+    """``cam2seg import-coco``: reviewed COCO files back in as a masks file."""
+
+    unannotated: Literal["skip", "clean"] = Field(
+        "skip", description="images of the file without annotations: skip them, or record them as reviewed clean "
+        "(only when the reviewers checked every image of the file)")
+    categories: dict[str, int] = Field(default_factory=dict, description="COCO category name or id -> class id, "
+                                       "for categories not named like 'class 3'")
+    max_mb: int = Field(256, ge=1, description="largest COCO file read, in MiB (a bigger one is refused)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -275,6 +296,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     export: ExportConfig = ExportConfig()
+    import_coco: ImportConfig = ImportConfig()
 
 
 def _read_config(path: str) -> str:

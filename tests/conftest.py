@@ -291,6 +291,19 @@ def demo_run(request):
     return background_result(request, "demo_run")
 
 
+def commit_rows(root: str, rows: list[dict], model_version: str = "m-1"):
+    """Commit ``rows`` (dicts of the store's mask columns, ``run_id`` filled in here) as one
+    complete run of the label store at ``root``; returns the run's marker."""
+    import pyarrow as pa
+
+    from cam2seg import store
+
+    run = store.new_run_id()
+    table = pa.Table.from_pylist([{**r, "run_id": run} for r in rows], schema=store.MASK_SCHEMA)
+    return store.commit(root, run, {"parts": {"masks": [store.write_part(root, "masks", run, table)], "errors": []},
+                                    "model_version": model_version, "complete": True})
+
+
 def write_random_artifact(out: str, encoder: str = "mobilenetv3_small_100", size=(64, 400), folds: int = 2,
                           seed: int = 0, image_size=(64, 400)) -> "ModelCard":  # noqa: F821
     """A random-init classifier artifact: labeling tests need a model, not a good one.

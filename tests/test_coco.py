@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 from cam2seg.review import coco
 from cam2seg import io, rle, store
+from conftest import commit_rows
 
 # pycocotools 2.0.x on numpy 2 warns about its own __array__ use; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -147,12 +148,7 @@ def _write_store(root: str) -> dict:
             m = shapes[name]
             rows.append({"image_id": image_id, "class_id": c, "encoded_pixels": rle.encode(m), "score": score,
                          "area": int(m.sum()), "height": H, "width": W, "model_version": "m-1", "run_id": ""})
-    run = store.new_run_id()
-    for r in rows:
-        r["run_id"] = run
-    table = pa.Table.from_pylist(rows, schema=store.MASK_SCHEMA)
-    store.commit(root, run, {"parts": {"masks": [store.write_part(root, "masks", run, table)], "errors": []},
-                             "model_version": "m-1", "complete": True})
+    commit_rows(root, rows)
     return {(r["image_id"], r["class_id"]): shapes[PLAN[r["image_id"]][r["class_id"]][0]] for r in rows}
 
 

@@ -144,8 +144,9 @@ def test_every_generated_flag_matches_its_field():
     assert seen >= 30
     # the generated flags by command (the report lists them)
     generated = {c: [n for _, n in p.get_default("config_fields") or []] for c, p in _subparsers().items()}
-    assert generated["evaluate"] == ["objective", "guided", "batch_size"]
-    assert generated["nightly"] == ["model", "images", "store", "retrain_after", "data", "segmenter"]
+    assert generated["evaluate"] == ["objective", "guided", "batch_size", "min_images", "min_positive_pairs"]
+    assert generated["nightly"] == ["model", "images", "store", "retrain_after", "data", "segmenter", "true_masks"]
+    assert generated["import-coco"] == ["unannotated"]
     assert generated["export-coco"] == ["format", "order", "limit"]
     assert generated["report"] == ["examples"] and generated["stats"] == ["limit"]
 
@@ -236,7 +237,8 @@ def test_evaluate_flag_over_file_over_default(tmp_path, fake_evaluation, capsys)
     # the effective config without running anything
     args = cli.build_parser().parse_args([*ev, "--config", cfg, "--batch-size", "16"])
     assert cli.effective_config(args).evaluate.model_dump() == {"objective": "positive", "batch_size": 16,
-                                                                 "guided": False}
+                                                                 "guided": False, "min_images": 16,
+                                                                 "min_positive_pairs": 8}
 
 
 def test_evaluate_config_is_validated(tmp_path, fake_evaluation, capsys):

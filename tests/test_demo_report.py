@@ -242,3 +242,55 @@ def test_overlays_keep_size_and_mark_the_mask():
     assert overlay.stack_panels([out, heat]).shape == (44, 60, 3)
     with pytest.raises(ValueError, match="does not match"):
         overlay.mask_overlay(img, mask[:10])
+
+
+def test_review_round_trip_from_the_command_line(demo, tmp_path):
+    """The corrections loop on the demo's quick run: export the least sure images for review, a
+    reviewer draws their true masks (here: the archive's) in the COCO file, import-coco brings
+    them back, a segmenter trains on them mixed with the pseudo-masks, and evaluate tunes on the
+    reviewed images only (too few to write anything at the default minimum)."""
+    import yaml
+
+    from cam2seg.review import coco
+
+    p = demo["p"]
+    arch = Archive.open(p["archive"])
+    exported = tmp_path / "review.json"
+    rc, _, err = run_cli(["export-coco", "--store", p["store"], "--out", str(exported), "--limit", "12", "--format", "rle"])
+    assert rc == 0, err
+    doc = json.loads(exported.read_text())
+    reviewed = [im["file_name"] for im in doc["images"]]
+    anns = []
+    for im in doc["images"]:  # the reviewer's corrections: the true masks of each exported image
+        truth = arch.masks(im["file_name"], (im["height"], im["width"]))
+        for k, c in enumerate(arch.class_ids):
+            if truth[k].any():
+                anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c,
+                             **coco.mask_annotation(truth[k], "polygon")})
+    doc["annotations"], doc["info"]["cam2seg_reviewed"] = anns, "all"
+    exported.write_text(json.dumps(doc))
+    masks = tmp_path / "reviewed.csv"
+    rc, out, err = run_cli(["import-coco", str(exported), "--archive", p["archive"], "--out", str(masks)])
+    assert rc == 0, err
+    assert f"true masks of {len(reviewed)} reviewed image(s)" in out
+
+    cfg = tmp_path / "seg.yaml"
+    cfg.write_text(yaml.safe_dump({"segmenter": PRESETS["quick"]["segmenter"]}))
+    seg = tmp_path / "seg-mixed"
+    rc, out, err = run_cli(["train-segmenter", "--data", p["archive"], "--masks", p["store"], "--true-masks", str(masks),
+                            "--true-mask-weight", "2", "--out", str(seg), "--config", str(cfg)])
+    assert rc == 0, err[-3000:]
+    assert f"and the true masks of {len(reviewed)} image(s)" in out
+    sup = load_card(str(seg)).training.supervision
+    assert sup["true_mask_images"] == len(reviewed) and sup["pseudo_mask_images"] == len(arch) - len(reviewed)
+    assert sup["true_mask_weight"] == 2 and sup["true_masks"] == str(masks)
+
+    rc, out, err = run_cli(["evaluate", "--truth", str(masks), "--archive", p["archive"], "--segmenter", str(seg)])
+    assert rc == 0, err[-3000:]
+    assert f"tuning rests on the {len(reviewed)} image(s) of {masks}" in out and "keep their defaults" in out
+    assert "wrote out-of-fold Dice" not in out and "seg_oof" not in load_card(str(seg)).metrics
+    n_def = sum(1 for i in reviewed if arch.labels[arch.index(i)].any())
+    assert f"{n_def} defective images" in out
+    rc, out, err = run_cli(["evaluate", "--truth", str(masks), "--archive", p["archive"], "--segmenter", str(seg),
+                            "--min-images", "4", "--min-positive-pairs", "1"])
+    assert rc == 0 and "wrote out-of-fold Dice" in out and load_card(str(seg)).postprocess.tuned

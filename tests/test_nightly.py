@@ -14,10 +14,10 @@ def _run(url: str, run_id: str, labeled: int) -> None:
     store.commit(url, run_id, {"labeled": labeled, "complete": True, "parts": {"masks": [], "errors": []}})
 
 
-def _segmenter_card(url: str, masks: str, runs: list[str]) -> ModelCard:
+def _segmenter_card(url: str, masks: str, runs: list[str], supervision: dict | None = None) -> ModelCard:
     card = ModelCard(kind="segmenter", architecture="tu-mobilenetv3_small_100", num_classes=4, class_ids=[1, 2, 3, 4],
                      input_size=(32, 200), mean=(0.5,) * 3, std=(0.2,) * 3, folds=1, fold_files=[],
-                     training={"masks": masks, "store_runs": runs})
+                     training={"masks": masks, "store_runs": runs, "supervision": supervision})
     return write_artifact(url, card, [{}])
 
 
@@ -46,6 +46,25 @@ def test_retrain_decision(tmp_path):
     _segmenter_card(seg, "truth", [])           # trained on other masks: all of this store is new
     other = retrain_decision(labels, seg, 100)
     assert other.due and other.new == 105 and "other masks" in other.reason
+
+
+def test_a_changed_corrections_file_makes_a_retraining_due(tmp_path):
+    from cam2seg.pipeline.segment import file_digest
+
+    labels, seg, fixes = io.absolute(str(tmp_path / "labels")), str(tmp_path / "seg"), tmp_path / "fixes.csv"
+    _run(labels, "2026-11-01-a", 30)
+    fixes.write_text("ImageId,ClassId,EncodedPixels\na.png,1,1 5\n")
+    _segmenter_card(seg, labels, ["2026-11-01-a"], {"true_masks": str(fixes), "true_masks_sha256": file_digest(str(fixes))})
+    same = retrain_decision(labels, seg, 50, str(fixes))
+    assert not same.due and "corrections" not in same.reason
+    fixes.write_text("ImageId,ClassId,EncodedPixels\na.png,1,1 5\nb.png,2,3 4\n")  # a reviewer's new masks
+    changed = retrain_decision(labels, seg, 50, str(fixes))
+    assert changed.due and changed.new == 0 and "corrections file changed since" in changed.reason
+    _segmenter_card(seg, labels, ["2026-11-01-a"])  # trained without corrections
+    assert "was not used by it" in retrain_decision(labels, seg, 50, str(fixes)).reason
+    with pytest.raises(ValueError, match="set nightly.retrain_after too"):
+        run_nightly(load_config(overrides={"nightly": {"model": "m", "images": "x", "store": "y",
+                                                       "true_masks": str(fixes)}}))
 
 
 @pytest.mark.parametrize("nightly,message", [

@@ -157,8 +157,9 @@ class CamScores:
 
 def score_cams(model_url: str, truth_url: str, *, objective: str = "kaggle", batch_size: int = 8,
                guided: bool = True, device=None) -> CamScores:
-    """Table 2 for the archive at hand, post-processing tuned on the OOF maps (nothing written)."""
-    archive = Archive.open(truth_url)
+    """Table 2 for the archive at hand (``truth_url``, or an Archive such as
+    :func:`cam2seg.truemasks.covered_archive`'s), post-processing tuned on the OOF maps (nothing written)."""
+    archive = truth_url if isinstance(truth_url, Archive) else Archive.open(truth_url)
     if not archive.has_masks:
         raise ArchiveError(f"{archive.source} has no masks: CAM masks can only be scored against true masks")
     variants = {**VARIANTS, **(GUIDED_VARIANT if guided else {})}

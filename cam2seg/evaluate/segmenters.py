@@ -139,8 +139,9 @@ class SegmenterScores:
 
 def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
                      objective: str = "kaggle", batch_size: int = 8, device=None) -> SegmenterScores:
-    """Table 3 for the archive at hand (nothing written)."""
-    archive = Archive.open(truth_url)
+    """Table 3 for the archive at hand (``truth_url``, or an Archive such as
+    :func:`cam2seg.truemasks.covered_archive`'s; nothing written)."""
+    archive = truth_url if isinstance(truth_url, Archive) else Archive.open(truth_url)
     if not archive.has_masks:
         raise ArchiveError(f"{archive.source} has no masks: masks can only be scored against true masks")
     pair, labels, extra, notes = {}, {}, [], []

@@ -40,10 +40,12 @@ class RetrainDecision:
     reason: str
 
 
-def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) -> RetrainDecision:
+def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int,
+                     true_masks: str | None = None) -> RetrainDecision:
     """Whether the segmenter at ``segmenter_url`` should be retrained on the store now:
     ``threshold`` > 0 and at least that many images labeled since it was trained on this store
-    (all of the store's labels when it does not exist yet or was trained on other masks)."""
+    (all of the store's labels when it does not exist yet or was trained on other masks), or the
+    corrections file ``true_masks`` differs from the one it was trained with."""
     if threshold <= 0:
         return RetrainDecision(False, 0, threshold, "retraining is off (nightly.retrain_after: 0)")
     from ..artifact import ArtifactError, load_card
@@ -62,9 +64,16 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int) 
     else:
         why = f"segmenter version {card.version} was trained on other masks ({card.training.masks})"
     n = new_labels(runs, trained_on)
-    verdict = "retraining" if n >= threshold else "not retraining yet"
-    return RetrainDecision(n >= threshold, n, threshold,
-                           f"{why}; {n} images labeled since, threshold {threshold}: {verdict}")
+    due = n >= threshold
+    if card is not None and true_masks:
+        from .segment import file_digest
+
+        had = (card.training.supervision or {}).get("true_masks_sha256")
+        if had != file_digest(true_masks):
+            due = True
+            why += "; the corrections file " + ("changed since" if had else "was not used by it")
+    verdict = "retraining" if due else "not retraining yet"
+    return RetrainDecision(due, n, threshold, f"{why}; {n} images labeled since, threshold {threshold}: {verdict}")
 
 
 class NightlySummary(dict):
@@ -95,10 +104,17 @@ def _check(cfg: Config) -> None:
                              f"from its own masks. Label with the classifier and retrain from that store.")
         from ..archive import Archive
 
-        images = Archive.open(n.data, check_images=False).images_url
+        archive = Archive.open(n.data, check_images=False)
+        images = archive.images_url
         if images.rstrip("/") != io.absolute(n.images).rstrip("/"):
             raise ValueError(f"nightly.data's images are {images}, but the nightly labels {io.absolute(n.images)}: "
                              f"the store's image ids would not match the labels")
+        if n.true_masks:
+            from ..truemasks import read_true_masks
+
+            read_true_masks(n.true_masks, archive)  # a bad corrections file fails before hours of labeling
+    elif n.true_masks:
+        raise ValueError("nightly.true_masks is used when the segmenter is retrained: set nightly.retrain_after too")
 
 
 def run_nightly(cfg: Config) -> NightlySummary:
@@ -114,13 +130,13 @@ def run_nightly(cfg: Config) -> NightlySummary:
     _log.info(str(label))
     summary = NightlySummary(store=store_url, label=dict(label), segmenter=None, segmenter_version=None)
     seg_url = io.absolute(n.segmenter) if n.segmenter else None
-    decision = retrain_decision(store_url, seg_url, n.retrain_after)
+    decision = retrain_decision(store_url, seg_url, n.retrain_after, n.true_masks)
     _log.info(f"retrain policy: {decision.reason}")
     summary["retrain"] = decision.reason
     if decision.due:
         from .segment import train_segmenter
 
-        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter)
+        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, true_masks=n.true_masks)
         summary.update(segmenter=seg_url, segmenter_version=card.version)
     summary["seconds"] = time.perf_counter() - t0
     return summary

@@ -8,6 +8,10 @@ prediction comes from a segmenter that never saw it and whose pseudo-masks came 
 split; otherwise :func:`cam2seg.folds.make_folds` with ``folds`` (default 5). Folds run as
 separate Ray Train runs (:mod:`cam2seg.train.fold_runner`): a killed job resumes each fold from its
 last epoch.
+
+Mixed supervision (``true_masks``, a masks file of :mod:`cam2seg.truemasks`): the images it
+covers train on their true masks, used as they are (no refinement, no ignore band) and seen
+``true_mask_weight`` times per epoch; every other image on its refined pseudo-mask.
 """
 
 from __future__ import annotations
@@ -32,10 +36,32 @@ from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
 from ..models.segmenter import create_segmenter
 from ..postprocess import card_default
 from ..train.loop import FINAL_FILE, SWA_FILE
+from ..truemasks import TrueMasks, read_true_masks
 
-__all__ = ["train_segmenter", "mask_targets"]
+__all__ = ["train_segmenter", "mask_targets", "with_true_masks", "file_digest"]
 
 _log = logging.getLogger(__name__)
+
+
+def file_digest(url: str) -> str:
+    """sha256 of a (small) file's bytes: which corrections file a segmenter learned from."""
+    return hashlib.sha256(io.read_bytes(io.absolute(url))).hexdigest()
+
+
+def with_true_masks(archive: Archive, rows: pa.Table, true_masks: TrueMasks) -> pa.Table:
+    """``rows`` (as :func:`mask_targets` returns them) with the images ``true_masks`` covers
+    replaced by (or, without a pseudo-mask, added as) their true masks at the image's own size,
+    in archive order, and a ``true`` bool column saying which rows hold true masks."""
+    cov = pa.array(true_masks.image_ids, pa.string())
+    shapes = np.array([archive.image_shape(i) for i in true_masks.image_ids], np.int16).reshape(-1, 2)
+    true = pa.table({"image_id": cov, "height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]),
+                     "rles": pa.array([true_masks.rle_row(i, archive.class_ids) for i in true_masks.image_ids],
+                                      pa.list_(pa.string()))})
+    pseudo = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), value_set=cov)))
+    both = pa.concat_tables([pseudo.append_column("true", pa.array(np.zeros(pseudo.num_rows, bool))),
+                             true.append_column("true", pa.array(np.ones(true.num_rows, bool)))])
+    order = pc.index_in(both.column("image_id"), value_set=pa.array(archive.image_ids, pa.string()))
+    return both.take(pc.sort_indices(order))
 
 
 def mask_targets(archive: Archive, masks: str) -> tuple[pa.Table, dict]:
@@ -108,19 +134,36 @@ def _run_key(cfg: SegmenterConfig, table) -> str:
     return hashlib.sha256((config_digest(cfg) + manifest.table_digest(table)).encode()).hexdigest()[:12]
 
 
-def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False) -> ModelCard:
+def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False,
+                    true_masks: str | None = None) -> ModelCard:
     """Train K fold segmenters on the archive at ``data_url`` with ``masks`` ("truth" or a
     label store URL) and write the artifact to ``out`` (model.json, fold-<k>.safetensors,
-    folds.csv). Returns its card."""
+    folds.csv). ``true_masks``: a masks file (:mod:`cam2seg.truemasks`) whose images train on
+    their true masks instead (mixed supervision; with a store only). Returns its card."""
     cfg = cfg or SegmenterConfig()
     out = io.absolute(out)
     masks = masks if masks == "truth" else io.absolute(masks)
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
     c = archive.num_classes
+    if true_masks and masks == "truth":
+        raise ValueError("--true-masks mixes true masks into pseudo-masks: give a label store as --masks "
+                         "(with --masks truth every image already trains on its true mask)")
     # an unknown architecture or encoder fails here, once
     create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels)
     rows, source = mask_targets(archive, masks)
+    true = None
+    if true_masks:
+        tm = read_true_masks(true_masks, archive)
+        if not len(tm):
+            raise ValueError(f"{tm.source} covers no image of {archive.source}")
+        rows = with_true_masks(archive, rows, tm)
+        true = rows.column("true").to_numpy(zero_copy_only=False)
+        source["supervision"] = {"true_masks": tm.source, "true_masks_sha256": file_digest(tm.source),
+                                 "true_mask_images": int(true.sum()),
+                                 "pseudo_mask_images": int((~true).sum()), "true_mask_weight": cfg.true_mask_weight}
+        _log.info(f"mixed supervision: {int(true.sum())} image(s) on the true masks of {tm.source} "
+                  f"({tm.positives} non-empty), {int((~true).sum())} on pseudo-masks")
     ids = rows.column("image_id").to_pylist()
     shapes = np.stack([rows.column("height").to_numpy(), rows.column("width").to_numpy()], axis=1)
     labels = archive.labels[[archive.index(i) for i in ids]]
@@ -131,13 +174,13 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     size = tuple(int(v) for v in (cfg.size or shapes[0]))
     refine = masks != "truth"
     table = manifest.manifest_table(ids, [archive.image_url(i) for i in ids], folds, labels, rows.column("rles"),
-                                    shapes)
+                                    shapes, true=true, repeat=cfg.true_mask_weight)
     key = _run_key(cfg, table)
     card = trained_card(out, key, force)
     if card is not None:
         return card
     work = io.join(out, "_train", key)
-    what = "true masks" if not refine else f"pseudo-masks of {masks}"
+    what = "true masks" if not refine else f"pseudo-masks of {masks}" + (" and true masks" if true is not None else "")
     fit_folds("segmenter", cfg, table, work, k_folds, staged=(SWA_FILE,), t0=t0,
               extra={"num_classes": c, "size": list(size), "refine": refine},
               what=f"fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what} at {size[0]}x{size[1]}")

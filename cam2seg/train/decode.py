@@ -29,11 +29,14 @@ def classifier_rows(rows: pa.Table, config: dict) -> tuple[np.ndarray, np.ndarra
 
 def segmenter_rows(rows: pa.Table, config: dict) -> tuple[np.ndarray, np.ndarray]:
     """(images ``uint8[N, h, w]`` at ``size``, targets ``int8[N, C, h, w]`` in {0, 1, IGNORE}):
-    the rows' RLE masks, refined with their image-level labels when ``refine`` (pseudo-masks)."""
+    the rows' RLE masks, refined with their image-level labels when ``refine`` (pseudo-masks),
+    except rows whose ``true`` column is set (mixed supervision: true masks, used as they are)."""
     c, size = config["segmenter"], tuple(config["size"])
     x = preprocess.load_images(rows.column("uri").to_pylist(), size, c["load_threads"])
     shapes = list(zip(rows.column("height").to_pylist(), rows.column("width").to_pylist()))
     labels = rows.column("labels").to_pylist() if config["refine"] else None
+    if labels is not None and "true" in rows.column_names:
+        labels = [None if t else lab for lab, t in zip(labels, rows.column("true").to_pylist())]
     return x, build_targets(rows.column("rles").to_pylist(), shapes, size, labels, SimpleNamespace(**c))
 
 

@@ -290,6 +290,7 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     CPUs beside the training workers' for its read and decode tasks: raises ValueError
     when the cluster has too few (Ray Data would wait for them forever)."""
     from ..raycluster import cluster_cpus
+    from . import manifest
     from .ingest import ingest_mode
 
     if not configs:  # every fold finished earlier: nothing reads images
@@ -297,11 +298,11 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     folds = table.column("fold").to_numpy()
     size = tuple(next(iter(configs.values())).get("size", cfg.size))
     channels = len(table.column("labels")[0]) if "rles" in table.column_names and table.num_rows else 0
-    largest = max((int((folds != k).sum()) for k in configs), default=0)
+    largest = max((manifest.training_count(table, folds != k) for k in configs), default=0)
     mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb)
     for k, c in configs.items():
         c["ingest"] = mode
-        c["rows"] = {"train": int((folds != k).sum()), "val": int((folds == k).sum())}
+        c["rows"] = {"train": manifest.training_count(table, folds != k), "val": int((folds == k).sum())}
     if mode != "stream":
         return "in memory"
     workers = len(configs) * cfg.workers_per_fold

@@ -52,6 +52,7 @@ class InMemory:
 
     def __init__(self, task, url: str, fold: int, folds: int, batch_size: int, seed: int, rank: int, world: int):
         train_rows, val_rows = manifest.read_fold(url, fold, folds)
+        train_rows = manifest.training_rows(train_rows)
         self.x_train, self.y_train = task.decode(train_rows)
         self.x_val, self.y_val = task.decode(val_rows)
         self.val_ids = val_rows.column("image_id").to_pylist()
@@ -71,14 +72,17 @@ class InMemory:
             yield self.x_val[i : i + self.batch_size], self.y_val[i : i + self.batch_size], self.val_ids[i : i + self.batch_size]
 
 
-def decode_rows(rows: pa.Table, config: dict) -> dict:
+def decode_rows(rows: pa.Table, config: dict, train: bool = False) -> dict:
     """``map_batches`` function: manifest rows -> ``{"image": uint8[B, h, w], "target": the task's
     targets, "image_id": str[B]}``, decoded as the loop ``config``'s task decodes
-    (:mod:`cam2seg.train.decode`, which imports no torch). A function, not a callable class: it
+    (:mod:`cam2seg.train.decode`, which imports no torch); ``train``: the rows are training rows
+    (each repeated as :func:`cam2seg.train.manifest.training_rows` says). A function, not a callable class: it
     holds nothing worth keeping between calls, and tasks run in Ray's pooled worker processes where
     an actor pool would start new ones on every pass."""
     from .decode import DECODERS
 
+    if train:
+        rows = manifest.training_rows(rows)
     x, y = DECODERS[config["task"]](rows, config)
     return {"image": x, "target": y, "image_id": np.asarray(rows.column("image_id").to_pylist(), object)}
 
@@ -99,13 +103,13 @@ def fold_datasets(config: dict, *, cpus: float, decoders: int, batch_rows: int, 
     for k in range(folds):
         paths[k], fs = io.arrow_filesystem(manifest.fold_url(url, k))
 
-    def decoded(ks: list[int]):
+    def decoded(ks: list[int], train: bool):
         return ray.data.read_parquet([paths[k] for k in ks], filesystem=fs, num_cpus=cpus).map_batches(
-            decode_rows, fn_kwargs={"config": config}, batch_size=batch_rows, batch_format="pyarrow",
+            decode_rows, fn_kwargs={"config": config, "train": train}, batch_size=batch_rows, batch_format="pyarrow",
             num_cpus=cpus, concurrency=decoders)
 
-    train = decoded([k for k in range(folds) if k != fold])
-    return {"train": train.randomize_block_order(seed=seed), "val": decoded([fold])}
+    train = decoded([k for k in range(folds) if k != fold], True)
+    return {"train": train.randomize_block_order(seed=seed), "val": decoded([fold], False)}
 
 
 class Streamed:

@@ -11,7 +11,10 @@ Columns (:data:`BASE_SCHEMA`, and :data:`MASK_COLUMNS` for the segmenter):
   ``image_id`` string, ``uri`` string (the image's fsspec URL), ``fold`` int8;
 * ``labels`` list<uint8>, the image-level label per class (the archive's class order);
 * ``height``, ``width`` int16 and ``rles`` list<string> (Kaggle RLE per class at
-  ``(height, width)``, "" for an empty mask), for the segmenter.
+  ``(height, width)``, "" for an empty mask), for the segmenter;
+* with mixed supervision (:data:`MIXED_COLUMNS`): ``true`` bool (the row's masks are true masks,
+  used as they are, not pseudo-masks to refine) and ``repeat`` uint8 (how many times the row is
+  a training row per epoch, :func:`training_rows`; validation reads each row once).
 
 Layout: ``<url>/fold=<k>/part-0.parquet`` for every fold k, then ``<url>/_complete``. A
 manifest without ``_complete`` (a driver killed while writing it) is rewritten.
@@ -28,20 +31,23 @@ import pyarrow.parquet as pq
 
 from .. import io
 
-__all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows", "fold_url",
-           "table_digest"]
+__all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "MIXED_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows",
+           "fold_url", "table_digest", "training_rows", "training_count"]
 
 BASE_SCHEMA = pa.schema([("index", pa.int32()), ("image_id", pa.string()), ("uri", pa.string()), ("fold", pa.int8()),
                          ("labels", pa.list_(pa.uint8()))])
 MASK_COLUMNS = [("height", pa.int16()), ("width", pa.int16()), ("rles", pa.list_(pa.string()))]
+MIXED_COLUMNS = [("true", pa.bool_()), ("repeat", pa.uint8())]
 _COMPLETE = "_complete"
 _ROW_GROUP = 512
 
 
-def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None) -> pa.Table:
+def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None, true=None, repeat: int = 1) -> pa.Table:
     """The manifest as one table: ``ids`` / ``uris`` ``[N]``, ``folds`` ``int[N]``, ``labels``
     ``uint8[N, C]``; ``rles`` (``[N][C]`` strings, or a list<string> Arrow array) with ``shapes``
-    ``[N]`` (height, width) for the segmenter (both None for the classifier)."""
+    ``[N]`` (height, width) for the segmenter (both None for the classifier); ``true`` (``bool[N]``,
+    mixed supervision: which rows hold true masks) with ``repeat``, the training repeats of a
+    true-mask row (pseudo-mask rows: 1)."""
     labels = np.asarray(labels, np.uint8)
     cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()),
             "uri": pa.array(list(uris), pa.string()), "fold": pa.array(np.asarray(folds, np.int8)),
@@ -54,7 +60,27 @@ def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None)
             rles = pa.array([list(r) for r in rles], pa.list_(pa.string()))
         cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]), "rles": rles})
         schema = pa.schema([*BASE_SCHEMA, *MASK_COLUMNS])
+        if true is not None:
+            true = np.asarray(true, bool)
+            cols.update({"true": pa.array(true), "repeat": pa.array(np.where(true, repeat, 1).astype(np.uint8))})
+            schema = pa.schema([*schema, *MIXED_COLUMNS])
     return pa.table(cols, schema=schema)
+
+
+def training_rows(rows: pa.Table) -> pa.Table:
+    """``rows`` with each row repeated ``repeat`` times when the manifest has that column (copies
+    next to their original; the loop shuffles), else ``rows``."""
+    if "repeat" not in rows.column_names:
+        return rows
+    times = rows.column("repeat").to_numpy().astype(np.int64)
+    return rows if (times == 1).all() else rows.take(pa.array(np.repeat(np.arange(rows.num_rows), times)))
+
+
+def training_count(table: pa.Table, mask: np.ndarray) -> int:
+    """Training rows per epoch of the manifest rows selected by ``bool[N]`` ``mask``."""
+    if "repeat" not in table.column_names:
+        return int(mask.sum())
+    return int(table.column("repeat").to_numpy()[mask].astype(np.int64).sum())
 
 
 def table_digest(table: pa.Table, exclude=("uri",)) -> str:

@@ -58,7 +58,8 @@ def build_targets(rles: list[list[str]], shapes: list[tuple[int, int]], size: tu
                   labels: list[list[int]] | None, cfg) -> np.ndarray:
     """Targets ``int8[N, C, h, w]`` at ``size`` from per-image, per-class RLE at each image's
     original ``shapes``; ``labels`` (image-level, ``[N][C]``) switch the pseudo-mask
-    refinements on (None: true masks, used as they are), with the settings ``cfg`` has
+    refinements on (None: true masks, used as they are; a None entry: that image's masks are
+    true masks), with the settings ``cfg`` has
     (``absent_zero``, ``present_empty``, ``ignore_band``: a SegmenterConfig or its fields)."""
     n, c = len(rles), len(rles[0]) if rles else 0
     out = np.zeros((n, c, *size), np.int8)
@@ -70,7 +71,7 @@ def build_targets(rles: list[list[str]], shapes: list[tuple[int, int]], size: tu
                 if (h, w) != tuple(size):
                     m = cv2.resize(m.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
                 masks[k] = m
-        if labels is None:
+        if labels is None or labels[i] is None:
             out[i] = masks
         else:
             out[i] = refine_targets(masks, np.asarray(labels[i]), absent_zero=cfg.absent_zero,
