@@ -32,7 +32,7 @@ def _doc(annotations, images=None, categories=None, info=None):
 
 
 def _parse(doc, **kw):
-    return parse_coco(doc, IDS, [1, 2, 3, 4], {i: (H, W) for i in IDS}, **kw)
+    return parse_coco(doc, IDS, [1, 2, 3, 4], {i: (H, W) for i in IDS}.__getitem__, **kw)
 
 
 def test_polygons_and_both_rle_forms_become_masks():

@@ -25,12 +25,13 @@ here before pycocotools sees them (its C decoder does not check them against the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import posixpath
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -167,13 +168,13 @@ def _match_images(images, image_ids) -> dict[str, str]:
     return out
 
 
-def parse_coco(doc, image_ids, class_ids, shapes: Mapping[str, tuple[int, int]] | None = None, *,
+def parse_coco(doc, image_ids, class_ids, shape_of: Callable[[str], tuple[int, int]] | None = None, *,
                categories: Mapping | None = None, unannotated: str = "skip", source: str = "COCO file") -> dict:
     """A COCO dict -> ``{"masks": {image id: {class id: bool[H, W]}}, "clean": [image ids],
     "skipped": [image ids], "annotations": n}`` (pure: no I/O).
 
-    ``image_ids`` / ``class_ids``: the archive's; ``shapes``: ImageId -> (height, width) of the
-    archive's images (None: trust the file's sizes). ``masks`` holds the non-empty masks of each
+    ``image_ids`` / ``class_ids``: the archive's; ``shape_of``: ImageId -> (height, width) of the
+    archive's image, asked once per annotated image (None: trust the file's sizes). ``masks`` holds the non-empty masks of each
     annotated image; ``clean`` the reviewed images without any annotation (see the module
     docstring); ``skipped`` the unannotated images left out.
     """
@@ -202,7 +203,7 @@ def parse_coco(doc, image_ids, class_ids, shapes: Mapping[str, tuple[int, int]] 
         image_id = matched.get(im["file_name"])
         if image_id is None:
             raise CocoError(f"{source}: {ann_text}: image {im['file_name']!r} is not in the archive")
-        h, w = shapes[image_id] if shapes is not None else (int(im.get("height", 0)), int(im.get("width", 0)))
+        h, w = shape_of(image_id) if shape_of is not None else (int(im.get("height", 0)), int(im.get("width", 0)))
         if ("height" in im and int(im["height"]) != h) or ("width" in im and int(im["width"]) != w) or h <= 0 or w <= 0:
             raise CocoError(f"{source}: {ann_text}: image {im['file_name']!r} is {im.get('width')}x{im.get('height')} "
                             f"in the file, {w}x{h} in the archive")
@@ -267,12 +268,9 @@ def import_coco(coco_url: str, archive_url: str, out_url: str, *, categories: Ma
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CocoError(f"{coco_url}: not a JSON file ({e})") from None
-    names = [im.get("file_name") for im in doc.get("images", []) if isinstance(im, dict)] \
-        if isinstance(doc, dict) and isinstance(doc.get("images"), list) else []
-    matched = _match_images([n for n in names if isinstance(n, str)], archive.image_ids)
-    shapes = {i: archive.image_shape(i) for i in set(matched.values())}
-    parsed = parse_coco(doc, archive.image_ids, archive.class_ids, shapes, categories=categories,
-                        unannotated=unannotated, source=coco_url)
+    # one header read per annotated image (its size), however many annotations it has
+    parsed = parse_coco(doc, archive.image_ids, archive.class_ids, functools.lru_cache(maxsize=None)(archive.image_shape),
+                        categories=categories, unannotated=unannotated, source=coco_url)
     from ..truemasks import masks_csv
 
     out = {i: {c: rle.encode(m) for c, m in per.items()} for i, per in parsed["masks"].items()}
