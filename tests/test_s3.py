@@ -84,10 +84,11 @@ def dead_endpoints():
     its backlog and never answers. Both sockets are closed afterwards."""
     import socket
 
+    # Bound but never listening: connections are refused, and no other process can take the port
+    # meanwhile (closing it first let a concurrent test's listener take it: a read timeout instead).
     refusing = socket.socket()
     refusing.bind(("127.0.0.1", 0))
     refusing_port = refusing.getsockname()[1]
-    refusing.close()
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -95,6 +96,7 @@ def dead_endpoints():
         yield {"refusing": f"http://127.0.0.1:{refusing_port}", "silent": f"http://127.0.0.1:{silent.getsockname()[1]}"}
     finally:
         silent.close()
+        refusing.close()
 
 
 def test_default_s3_timeouts_are_bounded(monkeypatch):
