@@ -107,7 +107,10 @@ def test_segmenter_artifact_card_and_folds(trained):
     assert [seg_folds[i] for i in trained["archive"].image_ids] == trained["folds"].tolist()
     assert any("using the folds of" in m for m in trained["logs"])
     for f in card.metrics["folds"]:
-        assert len([h for h in f["history"] if "epoch" in h and "val_loss" in h]) == CFG["epochs"]
+        epochs = [h for h in f["history"] if "epoch" in h and "val_loss" in h]
+        assert len(epochs) == CFG["epochs"]
+        # the time each epoch's steps waited on their batches: part of the epoch, never more
+        assert all(0 <= h["data_wait_seconds"] <= h["seconds"] for h in epochs)
         assert 0 < f["ignored_fraction"] < 0.5  # the edge band
     # the same inputs again: nothing retrained, same version
     assert trained["again"].version == card.version

@@ -306,8 +306,16 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        total, seen = 0.0, 0
-        for imgs, tgts in source.train(epoch):
+        total, seen, waited = 0.0, 0, 0.0
+        batches = iter(source.train(epoch))
+        while True:
+            t_wait = time.perf_counter()
+            # the time the step waits on the data pipeline: what the GPU rows of BENCHMARKS.md report
+            batch = next(batches, None)
+            waited += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            imgs, tgts = batch
             if how == "streaming" and epoch == start:
                 task.observe(tgts)  # what the in-memory source counted over the whole fold
             imgs, tgts = task.augment(augment, imgs, tgts)
@@ -327,9 +335,10 @@ def train_loop_per_worker(config: dict) -> None:
         kept = keeper.offer(val.loss, epoch, core.state_dict())
         secs = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, **val.metrics,
-                        **task.lr_fields(lrs), "seconds": secs, "kept": kept})
+                        **task.lr_fields(lrs), "seconds": secs, "data_wait_seconds": waited, "kept": kept})
         say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val.loss:.4f}{val.text} "
-            f"lr {'/'.join(f'{lr:.1e}' for lr in lrs)} {secs:.1f}s {seen * world / secs:.1f} img/s")
+            f"lr {'/'.join(f'{lr:.1e}' for lr in lrs)} {secs:.1f}s {seen * world / secs:.1f} img/s "
+            f"({waited:.1f}s waiting on data)")
         fs.report({"fold": fold, "epoch": epoch, "train_loss": train_loss, "val_loss": val.loss}, epoch)
 
     core.load_state_dict(keeper.average())
