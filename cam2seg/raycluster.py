@@ -30,6 +30,15 @@ Security of the local Ray a command starts (none is found, no RAY_ADDRESS):
 * it does not outlive the command: :mod:`cam2seg.reaper` kills what is left of it when the
   driver ends in any way (Ray's agents otherwise stay a minute after a SIGKILL).
 
+Lean on a small machine (the local Ray a command starts; a laptop's cores are the training's):
+
+* no Ray Train preemption watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``, unless set): it
+  polls the GCS for nodes about to be preempted, and this cluster's one node is the driver's own
+  machine. Each fold's worker group otherwise starts one more process for it.
+* no extra idle workers when the driver connects (``prestart_worker_first_driver``): the raylet
+  still prestarts one per CPU at startup. On 2 cores the driver's extra pair is never used by a
+  training command (Ray Train's actors run under their own runtime env) and costs ~1.7 CPU-s.
+
 A cluster cam2seg joins (RAY_ADDRESS, or a head ``ray start`` left for ``ray.init()`` to find)
 is its operator's: nothing is checked or changed there.
 """
@@ -46,6 +55,7 @@ __all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto", "UnauthenticatedRayErro
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's: ray._private.authentication.authentication_token_setup
 ALLOW_UNAUTHENTICATED_ENV = "CAM2SEG_ALLOW_UNAUTHENTICATED_RAY"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray's: ray.train.v2._internal.constants
 LOOPBACK = "127.0.0.1"
 
 _FILE_HANDLER = "cam2seg-ray-file"
@@ -74,6 +84,8 @@ def ensure_ray() -> None:
     if local:
         _require_token_auth()
         init_kwargs["_node_ip_address"] = LOOPBACK
+        init_kwargs["_system_config"] = {"prestart_worker_first_driver": False}
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray_logger = logging.getLogger("ray")
     consoles = _console_handlers(ray_logger)
     for h in consoles + [h for h in ray_logger.handlers if h.get_name() == _FILE_HANDLER]:
