@@ -51,7 +51,7 @@ import os
 import re
 from contextlib import contextmanager
 
-__all__ = ["ensure_ray", "cluster_gpus", "gpus_or_auto", "UnauthenticatedRayError", "ALLOW_UNAUTHENTICATED_ENV"]
+__all__ = ["ensure_ray", "lean_local", "cluster_gpus", "gpus_or_auto", "UnauthenticatedRayError", "ALLOW_UNAUTHENTICATED_ENV"]
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's: ray._private.authentication.authentication_token_setup
 ALLOW_UNAUTHENTICATED_ENV = "CAM2SEG_ALLOW_UNAUTHENTICATED_RAY"
@@ -84,8 +84,7 @@ def ensure_ray() -> None:
     if local:
         _require_token_auth()
         init_kwargs["_node_ip_address"] = LOOPBACK
-        init_kwargs["_system_config"] = {"prestart_worker_first_driver": False}
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        init_kwargs.update(lean_local())
     ray_logger = logging.getLogger("ray")
     consoles = _console_handlers(ray_logger)
     for h in consoles + [h for h in ray_logger.handlers if h.get_name() == _FILE_HANDLER]:
@@ -118,6 +117,14 @@ def ensure_ray() -> None:
         node_ip = (getattr(ctx, "address_info", None) or {}).get("node_ip_address")
         ray_logger.info("cam2seg: local Ray on node IP %s, %s=%s", node_ip, AUTH_MODE_ENV,
                         os.environ.get(AUTH_MODE_ENV))
+
+
+def lean_local() -> dict:
+    """The ``ray.init`` keyword arguments of a lean local Ray (see the module doc), with
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 set in this process's environment unless it is set
+    (Ray Train's controller reads it there and passes it on to its workers)."""
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    return {"_system_config": {"prestart_worker_first_driver": False}}
 
 
 def _starts_local_cluster() -> bool:

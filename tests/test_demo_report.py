@@ -26,19 +26,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(demo_run):
+def demo(demo_run, local_ray):
     """The demo as a command (started in the background: tests/conftest.py), then again in process."""
-    import ray
-
     work = demo_run["work"]
     card_before = load_card(paths(work)["classifier"]).version if demo_run["returncode"] == 0 else None
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        rc2, out2, err2 = run_cli(["demo", "--preset", "quick", "--workdir", work])
-    finally:
-        ray.shutdown()
+    rc2, out2, err2 = run_cli(["demo", "--preset", "quick", "--workdir", work])
     return {"work": work, "rc": demo_run["returncode"], "out": demo_run["stdout"], "err": demo_run["stderr"],
             "rc2": rc2, "out2": out2, "err2": err2, "p": paths(work), "card_before": card_before}
 

@@ -14,17 +14,6 @@ from cam2seg.train.tasks import TASKS
 SIZE = (32, 200)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def _segmenter_manifest(archive: Archive, url: str) -> tuple[str, dict]:
     ids = archive.image_ids
     idx = [archive.index(i) for i in ids]

@@ -60,17 +60,6 @@ def plant_bad_files(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory, random_artifact):
     root = tmp_path_factory.mktemp("label")
     synth.write_archive(str(root / "archive"), images=20, height=64, width=400, seed=5, mix="balanced",
@@ -91,7 +80,7 @@ def expected_rows(model_url, images_dir, ids):
 
 
 @pytest.fixture(scope="module")
-def labeled(ray_local, setup):
+def labeled(local_ray, setup):
     """One full run into a fresh store (tests that write copy it first)."""
     out = str(setup["root"] / "store")
     return out, label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG))
@@ -143,7 +132,7 @@ def test_incremental_relabel_and_new_model_version(setup, labeled, tmp_path, log
     assert store.read_errors(out).num_rows == 7
 
 
-def test_clear_errors_and_a_busy_store(ray_local, setup, tmp_path):
+def test_clear_errors_and_a_busy_store(local_ray, setup, tmp_path):
     cfg = LabelConfig(**CFG)
     with pytest.raises(FileNotFoundError, match="image prefix not found"):
         label_archive(setup["model"], str(tmp_path / "nope"), str(tmp_path / "s"), cfg)
@@ -164,7 +153,7 @@ def test_clear_errors_and_a_busy_store(ray_local, setup, tmp_path):
     assert store.committed_runs(out) == []
 
 
-def test_killed_actor_is_replaced_and_nothing_is_lost(ray_local, setup, tmp_path):
+def test_killed_actor_is_replaced_and_nothing_is_lost(local_ray, setup, tmp_path):
     import psutil
 
     images = str(tmp_path / "images")
@@ -197,7 +186,7 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(ray_local, setup, tmp_path
     assert t.num_rows == 160 and len(pairs) == 160
 
 
-def test_killed_driver_then_rerun_completes_the_store(ray_local, setup, tmp_path):
+def test_killed_driver_then_rerun_completes_the_store(local_ray, setup, tmp_path):
     """The command's driver killed (SIGKILL, with its process group) after some commits; the
     same command again (in process, on this module's Ray) completes the store."""
     import psutil

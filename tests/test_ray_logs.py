@@ -169,6 +169,11 @@ def test_two_commands_at_once_both_succeed_without_tracebacks(two_runs):
         assert list((s / "logs").glob("cam2seg-driver-*.log")), f"no driver log file in {s}"
         for f in (s / "logs").glob("worker-*.err"):
             assert "Found multiple active Ray instances" not in f.read_text(errors="replace"), f
+        # Lean (cam2seg.raycluster.lean_local): Ray Train ran without its preemption watcher actor
+        # (a worker's .out file names its actor on an ":actor_name:" line).
+        actors = {line for f in (s / "logs").glob("worker-*.out")
+                  for line in f.read_text(errors="replace").splitlines()[:3] if line.startswith(":actor_name:")}
+        assert ":actor_name:RayTrainWorker" in actors and ":actor_name:PreemptionWatcher" not in actors, actors
 
 
 def test_every_fold_epoch_line_reaches_the_terminal_and_nothing_from_ray(two_runs):

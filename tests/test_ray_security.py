@@ -54,7 +54,7 @@ JOB = textwrap.dedent("""
     actor = Pinger.remote()
     ray.get(actor.ping.remote(), timeout=120)
     ready, stop = Path(sys.argv[1]), Path(sys.argv[2])
-    ready.write_text(os.environ.get("RAY_AUTH_MODE", ""))
+    ready.write_text(os.environ.get("RAY_AUTH_MODE", "") + " " + os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", ""))
     deadline = time.monotonic() + 120
     while not stop.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -93,7 +93,8 @@ def _listening(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(tmp_path / "home"), **extra}
     (tmp_path / "home").mkdir(exist_ok=True)
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "CAM2SEG_ALLOW_UNAUTHENTICATED_RAY"):
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "CAM2SEG_ALLOW_UNAUTHENTICATED_RAY",
+                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # (the in-process Ray's lean_local sets it here)
         if name not in extra:
             env.pop(name, None)
     return env
@@ -170,7 +171,9 @@ def _run_job(tmp_path: Path, ray_tmp: str, kill: bool = False, **extra: str) -> 
             time.sleep(0.5)
             left = [p for p in left if p.is_running()]
         print(f"listening ({extra or 'default'}):", *sorted(sockets), sep="\n  ")
-        return {"sockets": sockets, "auth_modes": auth_modes, "job_auth_mode": ready.read_text(),
+        job_auth_mode, preemption_watcher = ready.read_text().split(" ")
+        return {"sockets": sockets, "auth_modes": auth_modes, "job_auth_mode": job_auth_mode,
+                "preemption_watcher": preemption_watcher,
                 "rc": proc.returncode, "out": out, "seen": seen,
                 "left": [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in left if p.is_running()]}
     finally:
@@ -196,6 +199,8 @@ def test_default_local_ray_listens_on_loopback_only_with_token_auth(jobs):
     for name in ("gcs_server", "raylet"):
         assert run["auth_modes"].get(name) == {"token"}, run["auth_modes"]
     assert (run["home"] / ".ray" / "auth_token").stat().st_size > 0
+    # Lean on a small machine (cam2seg.raycluster.lean_local): no Ray Train preemption watcher.
+    assert run["preemption_watcher"] == "0"
 
 
 def test_auth_disabled_is_refused_before_ray_starts(tmp_path, ray_tmp):

@@ -62,12 +62,10 @@ def _kill_fold0_worker_once_it_checkpointed(runs, killed: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(small_archive, tmp_path_factory, log_lines):
+def trained(small_archive, tmp_path_factory, log_lines, local_ray):
     """The segmenter trained once, fold 0's Ray Train worker killed (by pid) as soon as it has a
     recorded checkpoint; then the same training again (nothing to do)."""
     import threading
-
-    import ray
 
     root = tmp_path_factory.mktemp("stage3")
     archive = Archive.open(str(small_archive))
@@ -76,23 +74,17 @@ def trained(small_archive, tmp_path_factory, log_lines):
     io.write_bytes(io.join(model, FOLDS_FILE), folds_csv(archive.image_ids, folds))
     pseudo = str(root / "store")
     _pseudo_store(archive, pseudo, model)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        out = root / "seg"
-        killed = {}
-        killer = threading.Thread(target=_kill_fold0_worker_once_it_checkpointed, args=(out / "_train", killed),
-                                  daemon=True)
-        with log_lines() as logs:
-            killer.start()
-            card = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
-            killer.join(5)
-            again = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
-        yield {"archive": archive, "root": root, "store": pseudo, "seg": str(out), "card": card, "again": again,
-               "folds": folds, "logs": logs, "killed": killed}
-    finally:
-        ray.shutdown()
+    out = root / "seg"
+    killed = {}
+    killer = threading.Thread(target=_kill_fold0_worker_once_it_checkpointed, args=(out / "_train", killed),
+                              daemon=True)
+    with log_lines() as logs:
+        killer.start()
+        card = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
+        killer.join(5)
+        again = train_segmenter(str(small_archive), pseudo, str(out), SegmenterConfig(**CFG))
+    return {"archive": archive, "root": root, "store": pseudo, "seg": str(out), "card": card, "again": again,
+            "folds": folds, "logs": logs, "killed": killed}
 
 
 def test_segmenter_artifact_card_and_folds(trained):
