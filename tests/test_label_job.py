@@ -188,7 +188,7 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(local_ray, setup, tmp_path
 
 def test_killed_driver_then_rerun_completes_the_store(local_ray, setup, tmp_path):
     """The command's driver killed (SIGKILL, with its process group) after some commits; the
-    same command again (in process, on this module's Ray) completes the store."""
+    same command again (in process, on the session's Ray) completes the store."""
     import psutil
 
     images = str(tmp_path / "images")
