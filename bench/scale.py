@@ -11,7 +11,11 @@ once read is that of real strings. Then each operation runs in a fresh process, 
 prints its wall time, the process's resident memory when it starts (imports and the ids it is
 given) and the process's peak resident memory.
 
-    PYTHONPATH=. .venv/bin/python bench/scale.py store [--images 1000000] [--dir DIR]
+    PYTHONPATH=. .venv/bin/python bench/scale.py store [--images 1000000] [--dir DIR] [--ops NAME ...]
+
+The last two operations are the segmenter driver's manifest step (run key and the fold-partitioned
+Parquet manifest, 5 folds) over the same images: fold by fold, as training does it, and with every
+image's mask strings pivoted first, as it did before.
 
 Goal (issue 18): each operation < 60 s and < 2 GB peak on 2 cores.
 
@@ -161,11 +165,57 @@ def _op_remove_uncommitted(root, ctx):
     return f"{store.remove_uncommitted(root)} parts removed"
 
 
+def _bench_archive(root, ctx):
+    """An archive of the store's images with image-level labels only (no image files: the
+    manifest reads none)."""
+    from cam2seg.archive import Archive
+
+    ids = [f"{i:08d}.jpg" for i in range(ctx["images"])]
+    labels = (np.random.default_rng(1).random((len(ids), len(CLASSES))) < [g[0] for g in GEOMETRY.values()])
+    return Archive(root=f"{root}-archive", source="bench", image_ids=ids, labels=labels.astype(np.uint8),
+                   has_masks=False, num_classes=len(CLASSES), _index={i: n for n, i in enumerate(ids)})
+
+
+def _manifest(root, ctx, whole: bool):
+    """The segmenter driver's manifest step, 5 folds: the run key, then the Parquet manifest
+    written fold by fold (now), or the mask strings of every image pivoted first (``whole``:
+    before)."""
+    from cam2seg import io
+    from cam2seg.folds import make_folds
+    from cam2seg.pipeline.segment import FoldMasks, mask_keys, mask_targets, masks_digest
+    from cam2seg.train import manifest
+
+    a = _bench_archive(root, ctx)
+    runs = store.committed_runs(root)
+    rows, _ = mask_targets(a, root) if whole else mask_keys(a, root, runs)
+    ids = rows.column("image_id").to_pylist()
+    shapes = np.stack([rows.column("height").to_numpy(), rows.column("width").to_numpy()], 1)
+    folds = make_folds(a.labels, 5, 0)
+    table = manifest.manifest_table(ids, [a.image_url(i) for i in ids], folds, a.labels,
+                                    rows.column("rles") if whole else None, shapes)
+    key = manifest.table_digest(table) + ("" if whole else masks_digest(a, root, runs))
+    url = manifest.write_manifest(f"{root}-manifest-{'whole' if whole else 'folds'}", table,
+                                  None if whole else FoldMasks(a, root, runs))
+    fs, path = io.filesystem(url)
+    mib = sum(fs.size(p) for p in fs.find(path) if p.endswith(".parquet")) / 2**20
+    return f"{len(ids)} images, key {key[:8]}, {mib:.0f} MiB of Parquet"
+
+
+def _op_manifest_folds(root, ctx):
+    return _manifest(root, ctx, whole=False)
+
+
+def _op_manifest_whole(root, ctx):
+    return _manifest(root, ctx, whole=True)
+
+
 OPS = {"committed_runs": _op_committed_runs, "labeled_ids (v1, any)": _op_labeled_ids,
        "label job skip (is_in)": _op_skip, "read_masks(score, area)": _op_read_keys,
        "iter_masks (all columns)": _op_iter_all, "read_masks(12 image ids)": _op_read_some,
        "read_errors": _op_read_errors, "RunWriter.finish (reconcile)": _op_reconcile,
-       "remove_uncommitted": _op_remove_uncommitted}
+       "remove_uncommitted": _op_remove_uncommitted,
+       "segmenter manifest, fold by fold": _op_manifest_folds,
+       "segmenter manifest, whole (before)": _op_manifest_whole}
 
 
 def _rss_mib() -> float:
@@ -174,6 +224,8 @@ def _rss_mib() -> float:
 
 
 def _child(name, root, ctx, out):
+    if name.startswith("segmenter manifest"):
+        import cam2seg.pipeline.segment  # noqa: F401 -- torch, timm and smp: counted in "start", not the step
     start = _rss_mib()
     t0 = time.perf_counter()
     try:
@@ -230,6 +282,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1_000_000)
     ap.add_argument("--relabel", type=float, default=0.1, help="share of images the second run relabels")
     ap.add_argument("--dir", help="where to build the store (default: a temp folder, removed afterwards)")
+    ap.add_argument("--ops", nargs="+", choices=list(OPS), help="store: the operations to run (default: all)")
     args = ap.parse_args()
     if args.what == "train":
         tmp = tempfile.mkdtemp(prefix="c2s-scale-")
@@ -249,7 +302,7 @@ def main() -> None:
               f"(runs of {' + '.join(map(str, parts))} parts)")
         spawn = mp.get_context("spawn")
         print(f"{'operation':32s} {'seconds':>8s} {'start MiB':>9s} {'peak MiB':>9s}  result")
-        for name in OPS:
+        for name in args.ops or OPS:
             q = spawn.Queue()
             p = spawn.Process(target=_child, args=(name, root, ctx, q))
             p.start()

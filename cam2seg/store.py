@@ -39,7 +39,7 @@ from . import io, rle
 __all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "Part", "Parts", "RunMarker", "RunWriter",
            "new_run_id", "write_part", "commit",
            "committed_runs", "read_masks", "read_errors", "labeled_ids", "decode_mask", "Lease",
-           "remove_uncommitted", "read_parts", "iter_masks", "now"]
+           "remove_uncommitted", "read_parts", "iter_masks", "newest_rows", "id_array", "now"]
 
 MASK_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("class_id", pa.int8()), ("encoded_pixels", pa.string()),
@@ -214,33 +214,56 @@ def _mask_columns(columns: list[str] | None) -> list[str]:
     return cols
 
 
-def _kept_rows(store: str, markers: list[RunMarker], wanted: pa.Array | None = None) -> list[list[np.ndarray]] | None:
-    """Per marker and mask part, ``bool[rows]``: which rows are the newest of their (image, class);
-    None when at most one run holds rows (nothing is superseded).
+def newest_rows(store: str, runs: list[RunMarker] | None = None, image_ids=None) -> pa.Table:
+    """The newest committed row of each (image, class): ``image_id`` (string), ``class_id``
+    (int8) and ``row`` (int64: its position over the mask parts of ``runs``, run after run, part
+    after part: what :func:`iter_masks` takes as ``rows``), in no order; ``image_ids`` keeps
+    those images only; ``runs`` as for :func:`iter_masks`.
 
-    One pass over the keys of every part (image, class, run, and where the row is), one hash
+    One pass over the keys of every part, then one ``is_in`` for ``image_ids``, one hash
     group-by and one semi join over the whole store, so the cost is a few Arrow operations
-    whatever the number of parts (a join per part or per batch would rebuild its hash table each
-    time). ``wanted``: only these images' rows matter (the others are flagged False)."""
-    keys, sizes, total = [], [], 0
+    whatever the number of parts (an operation per part or per batch would rebuild its hash
+    table each time: minutes at a million images). Memory: the keys of every row, once (part row
+    counts are checked against the markers as they are read: :func:`_part_file`). A
+    caller that reads several subsets of one store computes this once and passes subsets of it
+    (:class:`cam2seg.pipeline.segment.FoldMasks` does, one fold after another)."""
+    markers = committed_runs(store) if runs is None else list(runs)
+    keys, total = [], 0
     for rank, m in enumerate(markers):
-        sizes.append([])
         for part in m.parts.masks:
             with _part_file(store, part) as f:
                 t = f.read(columns=["image_id", "class_id"])
-            n = t.num_rows
-            t = t.append_column("_rank", pa.array(np.full(n, rank, np.int32))) \
-                .append_column("_at", pa.array(np.arange(total, total + n, dtype=np.int64)))
-            keys.append(t if wanted is None else t.filter(pc.is_in(t.column("image_id"), value_set=wanted)))
-            sizes[-1].append(n)
-            total += n
-    table = pa.concat_tables(keys) if keys else None
-    newest = None if table is None else _newest_ranks(table, ["image_id", "class_id"])
-    if newest is None:
-        return None
-    kept = table.join(newest, keys=["image_id", "class_id", "_rank"], join_type="left semi")
-    flags = np.zeros(total, bool)
-    flags[kept.column("_at").to_numpy()] = True
+            keys.append(t.append_column("_rank", pa.array(np.full(t.num_rows, rank, np.int32)))
+                        .append_column("row", pa.array(np.arange(total, total + t.num_rows, dtype=np.int64))))
+            total += t.num_rows
+    schema = pa.schema([MASK_SCHEMA.field("image_id"), MASK_SCHEMA.field("class_id"), ("row", pa.int64())])
+    if not keys:
+        return schema.empty_table()
+    table = pa.concat_tables(keys)
+    if image_ids is not None:
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=id_array(image_ids)))
+    newest = _newest_ranks(table, ["image_id", "class_id"])
+    if newest is not None:
+        table = table.join(newest, keys=["image_id", "class_id", "_rank"], join_type="left semi")
+    return table.select(schema.names)
+
+
+def id_array(image_ids) -> pa.Array:
+    """Image ids (a sequence, or a string array, chunked or not) as one string array."""
+    if isinstance(image_ids, pa.ChunkedArray):
+        return image_ids.combine_chunks()
+    return image_ids if isinstance(image_ids, pa.Array) else pa.array(list(image_ids), pa.string())
+
+
+def _row_flags(markers: list[RunMarker], rows) -> list[list[np.ndarray]]:
+    """Per marker and mask part, ``bool[part rows]``: which of its rows ``rows`` (positions as
+    :func:`newest_rows` numbers them) names."""
+    sizes = [[p.rows for p in m.parts.masks] for m in markers]
+    flags = np.zeros(sum(map(sum, sizes)), bool)
+    rows = np.asarray(rows.to_numpy() if isinstance(rows, (pa.Array, pa.ChunkedArray)) else rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(flags)):
+        raise ValueError(f"rows must be positions in 0..{len(flags) - 1} (as store.newest_rows numbers them)")
+    flags[rows] = True
     out, at = [], 0
     for per_run in sizes:
         out.append([])
@@ -251,21 +274,33 @@ def _kept_rows(store: str, markers: list[RunMarker], wanted: pa.Array | None = N
 
 
 def iter_masks(store: str, columns: list[str] | None = None, batch_rows: int = 65_536,
-               image_ids=None) -> Iterator[pa.RecordBatch]:
+               image_ids=None, runs: list[RunMarker] | None = None, rows=None) -> Iterator[pa.RecordBatch]:
     """The rows :func:`read_masks` returns, streamed: record batches of at most ``batch_rows``
     rows (:data:`MASK_SCHEMA`, or ``columns`` of it plus the keys), each (image, class) once, in
-    no particular order; ``image_ids`` (any sequence or string array) keeps those images only.
-    For stores too large to hold: memory is one batch plus, when several runs hold rows, the
-    (image, class) keys of the store and one flag per row, computed once up front."""
-    cols, markers = _mask_columns(columns), committed_runs(store)
-    wanted = None if image_ids is None else pa.array(list(image_ids) if not isinstance(image_ids, pa.Array)
-                                                     else image_ids, pa.string())
-    kept = _kept_rows(store, markers, wanted)
+    store order (run after run, part after part); ``image_ids`` (any sequence or string array)
+    keeps those images only. ``runs``: the markers to read (as :func:`committed_runs` returned
+    them earlier), so that several reads see the same runs while a labeling job commits more;
+    default: the store's now. ``rows``: int64 positions of :func:`newest_rows` over the same
+    ``runs`` (a subset of them, in any order), read instead of ``image_ids``: several reads of
+    one store then pass over its keys once.
+
+    For stores too large to hold: memory is one batch plus, when several runs hold rows or
+    ``image_ids`` picks some, the (image, class) keys of the store and one flag per row,
+    computed once up front."""
+    cols = _mask_columns(columns)
+    markers = committed_runs(store) if runs is None else list(runs)
+    if rows is not None and image_ids is not None:
+        raise ValueError("pass image_ids or rows, not both")
+    kept = None
+    if rows is not None:
+        kept = _row_flags(markers, rows)
+    elif image_ids is not None or sum(bool(m.parts.masks) for m in markers) > 1:
+        kept = _row_flags(markers, newest_rows(store, markers, image_ids).column("row"))
     for rank, m in enumerate(markers):
         for j, part in enumerate(m.parts.masks):
             flags = None if kept is None else kept[rank][j]
             if flags is not None and not flags.any():
-                continue  # every row of this part is superseded
+                continue  # no row of this part is kept
             at = 0
             with _part_file(store, part) as f:
                 for batch in f.iter_batches(batch_size=batch_rows, columns=cols):
@@ -273,19 +308,18 @@ def iter_masks(store: str, columns: list[str] | None = None, batch_rows: int = 6
                     at += batch.num_rows
                     if keep is not None and not keep.all():
                         batch = batch.filter(pa.array(keep))
-                    if wanted is not None:
-                        batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
                     if batch.num_rows:
                         yield batch
 
 
-def read_masks(store: str, columns: list[str] | None = None, image_ids=None) -> pa.Table:
+def read_masks(store: str, columns: list[str] | None = None, image_ids=None,
+               runs: list[RunMarker] | None = None) -> pa.Table:
     """Committed rows, the newest run's per (image, class): a pyarrow Table with
     :data:`MASK_SCHEMA` (or ``columns`` of it), sorted by image and class; ``image_ids`` keeps
-    those images only. A store of millions of images is better read with :func:`iter_masks`,
+    those images only; ``runs`` as for :func:`iter_masks`. A store of millions of images is better read with :func:`iter_masks`,
     with a few ``columns`` or for some ``image_ids``."""
     cols = _mask_columns(columns)
-    batches = list(iter_masks(store, cols, image_ids=image_ids))
+    batches = list(iter_masks(store, cols, image_ids=image_ids, runs=runs))
     table = pa.Table.from_batches(batches, schema=MASK_SCHEMA.empty_table().select(cols).schema)
     return table.sort_by([("image_id", "ascending"), ("class_id", "ascending")])
 

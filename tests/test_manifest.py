@@ -134,6 +134,63 @@ def test_store_masks_pivot_to_one_row_per_archive_image(small_archive, tmp_path,
         mask_targets(a, root)
 
 
+@pytest.mark.parametrize("pivot_images", [16_384, 5])
+def test_the_segmenter_manifest_is_written_fold_by_fold_from_the_pinned_runs(small_archive, tmp_path, monkeypatch,
+                                                                             pivot_images):
+    """The driver's manifest holds no mask string until a fold is written, each fold's strings
+    are read for that fold only, and the rows equal the whole-table pivot of the same store
+    (also when the pivot gathers a few images at a time, as it does past 16,384)."""
+    from cam2seg import store
+    from cam2seg.pipeline import segment
+    from cam2seg.pipeline.segment import FoldMasks, mask_keys, mask_targets, masks_digest
+
+    monkeypatch.setattr(segment, "_PIVOT_IMAGES", pivot_images)
+
+    a = Archive.open(str(small_archive))
+    root = str(tmp_path / "store")
+    _store_run(root, [(i, c, f"{j + 1} {c}") for j, i in enumerate(a.image_ids) for c in (1, 3)])
+    _store_run(root, [(a.image_ids[2], 3, "")])  # newer run: image 2's class 3 is empty now
+    whole, _ = mask_targets(a, root)
+    runs = store.committed_runs(root)
+    keys, _ = mask_keys(a, root, runs)
+    assert keys.column_names == ["image_id", "height", "width"]
+    ids = keys.column("image_id").to_pylist()
+    folds = make_folds(a.labels[[a.index(i) for i in ids]], 3, 0)
+    table = manifest.manifest_table(ids, [a.image_url(i) for i in ids], folds, a.labels, None,
+                                    np.stack([keys.column("height").to_numpy(), keys.column("width").to_numpy()], 1))
+    assert "rles" not in table.column_names
+    digest = masks_digest(a, root, runs)
+    # a rerun that found every image labeled commits a run without parts: the masks are the same
+    store.commit(root, store.new_run_id(), {"parts": {"masks": []}, "complete": True})
+    assert masks_digest(a, root, store.committed_runs(root)) == digest
+    _store_run(root, [(i, 1, "") for i in a.image_ids])  # committed after the runs were read: not in this run
+    assert masks_digest(a, root, runs) == digest != masks_digest(a, root, store.committed_runs(root))
+
+    seen = []
+    fill = FoldMasks(a, root, runs)
+
+    def spy(part):
+        seen.append(sorted(set(part.column("fold").to_pylist())))
+        return fill(part)
+
+    url = manifest.write_manifest(str(tmp_path / "m"), table, spy)
+    assert seen == [[0], [1], [2]]
+    rows = pa.concat_tables([manifest.fold_rows(url, k) for k in range(3)]).sort_by("index")
+    assert rows.column_names == [f.name for f in (*manifest.BASE_SCHEMA, *[pa.field(*c) for c in manifest.MASK_COLUMNS])]
+    assert rows.column("image_id").to_pylist() == ids
+    assert rows.column("rles").to_pylist() == whole.column("rles").to_pylist()
+    got = dict(zip(ids, rows.column("rles").to_pylist()))
+    assert got[a.image_ids[2]] == ["3 1", "", "", ""] and got[a.image_ids[0]] == ["1 1", "", "1 3", ""]
+    # true masks need no store runs: the archive's own strings, in the same layout
+    truth, _ = mask_targets(a, "truth")
+    tkeys, _ = mask_keys(a, "truth")
+    tpart = pa.concat_tables(FoldMasks(a, "truth", None)(manifest.manifest_table(
+        a.image_ids, a.image_ids, np.zeros(len(a), int), a.labels, None,
+        np.stack([tkeys.column("height").to_numpy(), tkeys.column("width").to_numpy()], 1))))
+    assert tpart.column("rles").to_pylist() == truth.column("rles").to_pylist()
+    assert tpart.column("rles").to_pylist()[0] == [a.rle(a.image_ids[0], c) for c in a.class_ids]
+
+
 def test_an_unreadable_card_is_trained_over_with_a_warning(tmp_path, log_lines):
     from cam2seg.train.fold_runner import trained_card
 

@@ -5,6 +5,7 @@ and evaluation on the covered images only (cam2seg/truemasks.py covered_archive)
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cam2seg import rle
@@ -50,7 +51,8 @@ def mixed(small_archive, tmp_path_factory):
     (tmp / "reviewed.csv").write_text(masks_csv(masks, arch.class_ids))
     tm = read_true_masks(str(tmp / "reviewed.csv"), arch)
     rows, _ = mask_targets(arch, str(tmp / "store"))
-    return {"arch": arch, "tm": tm, "covered": covered, "pseudo": rows, "mixed": with_true_masks(arch, rows, tm)}
+    return {"arch": arch, "tm": tm, "covered": covered, "pseudo": rows, "mixed": with_true_masks(arch, rows, tm),
+            "store": str(tmp / "store")}
 
 
 def test_covered_images_take_their_true_masks(mixed):
@@ -98,6 +100,33 @@ def test_mixed_targets_true_masks_as_they_are_pseudo_masks_refined(mixed):
     assert manifest.training_count(table, np.ones(table.num_rows, bool)) == train.num_rows
     ids = train.column("image_id").to_pylist()
     assert all(ids.count(i) == (3 if t else 1) for i, t in zip(table.column("image_id").to_pylist(), true))
+
+
+def test_mixed_manifest_written_fold_by_fold_equals_the_whole_table(mixed, tmp_path, monkeypatch):
+    """Also when the pivot gathers 3 images at a time: true-mask rows land in several chunks."""
+    from cam2seg import store
+    from cam2seg.pipeline import segment
+    from cam2seg.pipeline.segment import FoldMasks, mask_keys
+
+    monkeypatch.setattr(segment, "_PIVOT_IMAGES", 3)
+
+    arch, tm, whole = mixed["arch"], mixed["tm"], mixed["mixed"]
+    root = mixed["store"]
+    runs = store.committed_runs(root)
+    keys, _ = mask_keys(arch, root, runs)
+    keys = with_true_masks(arch, keys, tm)
+    assert "rles" not in keys.column_names
+    assert keys.column("image_id").to_pylist() == whole.column("image_id").to_pylist()
+    assert keys.column("true").to_pylist() == whole.column("true").to_pylist()
+    ids = keys.column("image_id").to_pylist()
+    true = keys.column("true").to_numpy(zero_copy_only=False)
+    table = manifest.manifest_table(ids, ids, np.arange(len(ids)) % 3, arch.labels[[arch.index(i) for i in ids]],
+                                    None, np.stack([keys.column("height").to_numpy(),
+                                                    keys.column("width").to_numpy()], 1), true=true, repeat=2)
+    url = manifest.write_manifest(str(tmp_path / "m"), table, FoldMasks(arch, root, runs, tm))
+    rows = pa.concat_tables([manifest.fold_rows(url, k) for k in range(3)]).sort_by("index")
+    assert rows.column("rles").to_pylist() == whole.column("rles").to_pylist()
+    assert rows.column_names[-3:] == ["rles", "true", "repeat"]
 
 
 def test_covered_archive_scores_the_covered_images_only(mixed):

@@ -83,6 +83,36 @@ def test_streamed_rows_are_read_masks_rows_in_any_batch_size(tmp_path):
     assert some.equals(whole.filter(pc.is_in(whole.column("image_id"), pa.array(["005.jpg", "020.jpg"]))))
 
 
+def test_newest_row_positions_read_the_same_rows_from_pinned_runs(tmp_path):
+    """newest_rows numbers each (image, class)'s newest row once; iter_masks(rows=...) reads those
+    rows (or any subset, in any order) and iter_masks(runs=...) reads the runs it was given, not
+    one committed after them."""
+    root = str(tmp_path / "store")
+    _run(root, [f"{i:03d}.jpg" for i in range(12)], fill=1)
+    _run(root, [f"{i:03d}.jpg" for i in range(6, 9)], fill=2, version="v2")
+    runs = store.committed_runs(root)
+    keys = store.newest_rows(root, runs)
+    assert keys.column_names == ["image_id", "class_id", "row"] and keys.num_rows == 12 * 4
+    assert len(set(keys.column("row").to_pylist())) == 48 and max(keys.column("row").to_pylist()) < 12 * 4 + 3 * 4
+    _run(root, ["000.jpg"], fill=3, version="v3")  # committed after the runs were read
+    pinned = store.read_masks(root, runs=runs)
+    assert pinned.filter(pc.equal(pinned.column("image_id"), "000.jpg")).column("model_version")[0].as_py() == "v1"
+    assert store.read_masks(root).filter(pc.equal(store.read_masks(root).column("image_id"), "000.jpg")) \
+        .column("model_version")[0].as_py() == "v3"
+    some = keys.filter(pc.is_in(keys.column("image_id"), pa.array(["007.jpg", "001.jpg"])))
+    rows = some.column("row").to_numpy()[::-1].copy()  # any order
+    got = pa.Table.from_batches(list(store.iter_masks(root, runs=runs, rows=rows)))
+    want = pinned.filter(pc.is_in(pinned.column("image_id"), pa.array(["001.jpg", "007.jpg"])))
+    assert got.sort_by([("image_id", "ascending"), ("class_id", "ascending")]).equals(want)
+    assert set(got.column("model_version").to_pylist()) == {"v1", "v2"}
+    assert store.newest_rows(root, runs, ["007.jpg", "nope.jpg"]).num_rows == 4
+    with pytest.raises(ValueError, match="image_ids or rows"):
+        list(store.iter_masks(root, image_ids=["001.jpg"], rows=rows))
+    with pytest.raises(ValueError, match="positions in 0..59"):
+        list(store.iter_masks(root, runs=runs, rows=[60]))
+    assert store.newest_rows(str(tmp_path / "empty")).num_rows == 0
+
+
 def test_finish_refuses_rows_that_do_not_add_up(tmp_path):
     root = str(tmp_path / "store")
     for todo, written in ((["a.jpg", "b.jpg"], ["a.jpg", "a.jpg"]),  # a duplicate, and b missing

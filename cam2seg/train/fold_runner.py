@@ -248,20 +248,21 @@ def fold_configs(task: str, cfg, manifest_url: str, k_folds: int, folds: list[in
 
 
 def fit_folds(task: str, cfg, table, work: str, k_folds: int, *, extra: dict, staged: tuple[str, ...], what: str,
-              t0: float | None = None) -> None:
+              t0: float | None = None, fill=None) -> None:
     """Train the folds of ``work`` (``<out>/_train/<run key>``) that are not done yet, side by side.
 
     ``task``: a name in :data:`cam2seg.train.tasks.TASKS`, whose section ``cfg`` is; ``table``: the
     run's manifest (:func:`cam2seg.train.manifest.manifest_table`), written once under
-    ``<work>/manifest`` and read by the workers; ``extra``: the task's loop config keys; ``what``:
-    the start of the log line saying what trains."""
+    ``<work>/manifest`` and read by the workers (``fill``: the columns ``table`` leaves out, added
+    fold by fold, as :func:`cam2seg.train.manifest.write_manifest` takes it); ``extra``: the task's
+    loop config keys; ``what``: the start of the log line saying what trains."""
     from ..raycluster import ensure_ray, gpus_or_auto
     from . import manifest
     from .loop import train_loop_per_worker
 
     ensure_ray()
     gpus = gpus_or_auto(cfg.gpus_per_worker, _log.warning)
-    url = manifest.write_manifest(io.join(work, "manifest"), table)
+    url = manifest.write_manifest(io.join(work, "manifest"), table, fill)
     todo, orphans = [], {}
     for k in range(k_folds):
         if not fold_done(work, k) and (found := orphaned_checkpoints(work, k)):
@@ -297,7 +298,8 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
         return "in memory"
     folds = table.column("fold").to_numpy()
     size = tuple(next(iter(configs.values())).get("size", cfg.size))
-    channels = len(table.column("labels")[0]) if "rles" in table.column_names and table.num_rows else 0
+    # a segmenter's manifest (with or without its mask strings yet) has the masks' height
+    channels = len(table.column("labels")[0]) if "height" in table.column_names and table.num_rows else 0
     largest = max((manifest.training_count(table, folds != k) for k in configs), default=0)
     mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb)
     for k, c in configs.items():

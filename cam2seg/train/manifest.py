@@ -4,6 +4,11 @@ The driver builds it once per run (:func:`manifest_table`, :func:`write_manifest
 workers read their own rows (:func:`read_fold`). A fold's loop config therefore carries the
 manifest's URL and the fold number, and nothing per image, whatever the archive's size.
 
+The segmenter's mask strings are the bulk of a manifest (about 3 GiB at a million images), so the
+driver need not hold them all: it builds the table without ``rles`` and gives
+:func:`write_manifest` a ``fill`` that adds them to one fold's rows at a time
+(:func:`cam2seg.pipeline.segment.train_segmenter` reads them from the label store fold by fold).
+
 Columns (:data:`BASE_SCHEMA`, and :data:`MASK_COLUMNS` for the segmenter):
 
 * ``index`` int32 (the image's position in the run's image list: training rows are read in this
@@ -23,6 +28,7 @@ manifest without ``_complete`` (a driver killed while writing it) is rewritten.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +38,7 @@ import pyarrow.parquet as pq
 from .. import io
 
 __all__ = ["BASE_SCHEMA", "MASK_COLUMNS", "MIXED_COLUMNS", "manifest_table", "write_manifest", "read_fold", "fold_rows",
-           "fold_url", "table_digest", "training_rows", "training_count"]
+           "fold_url", "table_digest", "training_rows", "training_count", "with_rles"]
 
 BASE_SCHEMA = pa.schema([("index", pa.int32()), ("image_id", pa.string()), ("uri", pa.string()), ("fold", pa.int8()),
                          ("labels", pa.list_(pa.uint8()))])
@@ -44,22 +50,27 @@ _ROW_GROUP = 512
 
 def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None, true=None, repeat: int = 1) -> pa.Table:
     """The manifest as one table: ``ids`` / ``uris`` ``[N]``, ``folds`` ``int[N]``, ``labels``
-    ``uint8[N, C]``; ``rles`` (``[N][C]`` strings, or a list<string> Arrow array) with ``shapes``
-    ``[N]`` (height, width) for the segmenter (both None for the classifier); ``true`` (``bool[N]``,
-    mixed supervision: which rows hold true masks) with ``repeat``, the training repeats of a
-    true-mask row (pseudo-mask rows: 1)."""
+    ``uint8[N, C]``; ``shapes`` ``[N]`` (height, width) with ``rles`` (``[N][C]`` strings, or a
+    list<string> Arrow array) for the segmenter (both None for the classifier; ``rles`` None: the
+    table without them, for a ``fill`` of :func:`write_manifest` to add fold by fold); ``true``
+    (``bool[N]``, mixed supervision: which rows hold true masks) with ``repeat``, the training
+    repeats of a true-mask row (pseudo-mask rows: 1)."""
     labels = np.asarray(labels, np.uint8)
     cols = {"index": pa.array(np.arange(len(labels), dtype=np.int32)), "image_id": pa.array(list(ids), pa.string()),
             "uri": pa.array(list(uris), pa.string()), "fold": pa.array(np.asarray(folds, np.int8)),
             "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.ravel(), pa.uint8()),
                                                         labels.shape[1]).cast(pa.list_(pa.uint8()))}
     schema = BASE_SCHEMA
-    if rles is not None:
+    if shapes is not None:
         shapes = np.asarray(shapes, np.int16).reshape(-1, 2)
-        if not isinstance(rles, (pa.Array, pa.ChunkedArray)):
-            rles = pa.array([list(r) for r in rles], pa.list_(pa.string()))
-        cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1]), "rles": rles})
+        cols.update({"height": pa.array(shapes[:, 0]), "width": pa.array(shapes[:, 1])})
         schema = pa.schema([*BASE_SCHEMA, *MASK_COLUMNS])
+        if rles is None:
+            schema = schema.remove(schema.get_field_index("rles"))
+        else:
+            if not isinstance(rles, (pa.Array, pa.ChunkedArray)):
+                rles = pa.array([list(r) for r in rles], pa.list_(pa.string()))
+            cols["rles"] = rles
         if true is not None:
             true = np.asarray(true, bool)
             cols.update({"true": pa.array(true), "repeat": pa.array(np.where(true, repeat, 1).astype(np.uint8))})
@@ -97,18 +108,42 @@ def table_digest(table: pa.Table, exclude=("uri",)) -> str:
     return h.hexdigest()
 
 
-def write_manifest(url: str, table: pa.Table) -> str:
+def with_rles(rows: pa.Table, rles: pa.Array) -> pa.Table:
+    """Segmenter manifest ``rows`` built without mask strings, with ``rles`` (list<string>,
+    one entry per row, in row order) in its place after ``width``."""
+    return rows.add_column(rows.schema.get_field_index("width") + 1, pa.field("rles", pa.list_(pa.string())), rles)
+
+
+def write_manifest(url: str, table: pa.Table,
+                   fill: Callable[[pa.Table], Iterable[pa.Table]] | None = None) -> str:
     """Write ``table`` under ``url`` as one Parquet file per fold (unless a complete manifest is
-    there already: the run key names the folder, so same key, same rows); returns ``url``."""
+    there already: the run key names the folder, so same key, same rows); returns ``url``.
+    ``fill``: one fold's rows -> those rows, in pieces laid end to end, with the columns ``table``
+    leaves out (the segmenter's ``rles``, :func:`with_rles`). It is called once per fold and each
+    piece is written before the next is asked for, so the mask strings in memory are one fold's
+    at most (:class:`cam2seg.pipeline.segment.FoldMasks` holds one piece of them)."""
     if io.exists(io.join(url, _COMPLETE)):
         return url
     folds = table.column("fold").to_numpy()
     for k in np.unique(folds):
         part = table.filter(pc.equal(table.column("fold"), pa.scalar(int(k), pa.int8())))
-        buf = pa.BufferOutputStream()
-        # Row groups of _ROW_GROUP rows: Ray Data reads and shuffles a streamed fold in blocks of that size.
-        pq.write_table(part, buf, compression="zstd", row_group_size=_ROW_GROUP)
-        io.write_bytes(fold_url(url, int(k)), buf.getvalue().to_pybytes())
+        pieces = [part] if fill is None else fill(part)
+        # Streamed to the file, not built in memory first: a fold of a large segmenter run holds
+        # hundreds of MB of mask strings. A file cut short by a kill is never read: _complete comes last.
+        fs, path = io.filesystem(fold_url(url, int(k)))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            writer = None
+            for piece in pieces:
+                if writer is None:
+                    writer = pq.ParquetWriter(f, piece.schema, compression="zstd")
+                # Row groups of _ROW_GROUP rows: Ray Data reads and shuffles a streamed fold in
+                # blocks of that size (the pieces are whole multiples of it but for the last).
+                writer.write_table(piece, row_group_size=_ROW_GROUP)
+            if writer is None:
+                raise ValueError(f"fold {k}: the manifest's fill returned no rows")
+            writer.close()
+        del part, pieces
     io.write_bytes(io.join(url, _COMPLETE), b"")
     return url
 
