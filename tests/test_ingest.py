@@ -110,4 +110,5 @@ def test_both_stages_train_streamed_with_out_of_fold_rows_for_every_image(small_
         assert [f["ingest"] for f in folds] == ["stream", "stream"]
         assert sum(f["rows"]["val"] for f in folds) == len(archive)
         assert all(np.isfinite(f["val_loss"]) for f in folds)
+        assert all(0 < f["peak_private_mib"] <= f["peak_rss_mib"] + 1 for f in folds)
     assert all(f["ignored_fraction"] == 0 for f in seg.metrics["folds"])  # true masks: nothing ignored

@@ -111,7 +111,7 @@ def _store_run(root, rows, run_id=None):
 
 def test_store_masks_pivot_to_one_row_per_archive_image(small_archive, tmp_path, log_lines):
     from cam2seg import store
-    from cam2seg.pipeline.segment import mask_targets
+    from cam2seg.train.masks import mask_targets
 
     a = Archive.open(str(small_archive))
     ids = a.image_ids[:5]
@@ -137,14 +137,17 @@ def test_store_masks_pivot_to_one_row_per_archive_image(small_archive, tmp_path,
 @pytest.mark.parametrize("pivot_images", [16_384, 5])
 def test_the_segmenter_manifest_is_written_fold_by_fold_from_the_pinned_runs(small_archive, tmp_path, monkeypatch,
                                                                              pivot_images):
-    """The driver's manifest holds no mask string until a fold is written, each fold's strings
-    are read for that fold only, and the rows equal the whole-table pivot of the same store
-    (also when the pivot gathers a few images at a time, as it does past 16,384)."""
-    from cam2seg import store
-    from cam2seg.pipeline import segment
-    from cam2seg.pipeline.segment import FoldMasks, mask_keys, mask_targets, masks_digest
+    """The driver's manifest holds no mask string until a fold is written; the store's strings
+    are read once for every fold, from the runs read at the start, through a local spill that is
+    gone afterwards; the rows equal the whole-table pivot of the same store (also when the pivot
+    gathers a few images at a time, as it does past 16,384)."""
+    import os
 
-    monkeypatch.setattr(segment, "_PIVOT_IMAGES", pivot_images)
+    from cam2seg import store
+    from cam2seg.train import masks as masks_module
+    from cam2seg.train.masks import FoldMasks, mask_keys, mask_targets, masks_digest
+
+    monkeypatch.setattr(masks_module, "_PIVOT_IMAGES", pivot_images)
 
     a = Archive.open(str(small_archive))
     root = str(tmp_path / "store")
@@ -166,27 +169,35 @@ def test_the_segmenter_manifest_is_written_fold_by_fold_from_the_pinned_runs(sma
     _store_run(root, [(i, 1, "") for i in a.image_ids])  # committed after the runs were read: not in this run
     assert masks_digest(a, root, runs) == digest != masks_digest(a, root, store.committed_runs(root))
 
-    seen = []
-    fill = FoldMasks(a, root, runs)
+    seen, passes = [], []
+    fill = FoldMasks(a, root, runs, table)
+    real_iter = store.iter_masks
+    monkeypatch.setattr(store, "iter_masks", lambda *args, **kw: passes.append(kw) or real_iter(*args, **kw))
 
     def spy(part):
         seen.append(sorted(set(part.column("fold").to_pylist())))
-        return fill(part)
+        spill = None if fill._spill is None else fill._spill.name
+        yield from fill(part)
+        seen.append(spill if spill is not None else fill._spill.name)
 
     url = manifest.write_manifest(str(tmp_path / "m"), table, spy)
-    assert seen == [[0], [1], [2]]
+    assert seen[0::2] == [[0], [1], [2]]
+    assert len(passes) == 1 and passes[0]["runs"] == runs  # one pass over the store, at the pinned runs
+    assert len(set(seen[1::2])) == 1 and not os.path.exists(seen[1])  # one spill, removed after the last fold
     rows = pa.concat_tables([manifest.fold_rows(url, k) for k in range(3)]).sort_by("index")
     assert rows.column_names == [f.name for f in (*manifest.BASE_SCHEMA, *[pa.field(*c) for c in manifest.MASK_COLUMNS])]
     assert rows.column("image_id").to_pylist() == ids
     assert rows.column("rles").to_pylist() == whole.column("rles").to_pylist()
     got = dict(zip(ids, rows.column("rles").to_pylist()))
     assert got[a.image_ids[2]] == ["3 1", "", "", ""] and got[a.image_ids[0]] == ["1 1", "", "1 3", ""]
+    with pytest.raises(ValueError, match="one whole fold"):
+        list(fill(table))
     # true masks need no store runs: the archive's own strings, in the same layout
     truth, _ = mask_targets(a, "truth")
     tkeys, _ = mask_keys(a, "truth")
-    tpart = pa.concat_tables(FoldMasks(a, "truth", None)(manifest.manifest_table(
-        a.image_ids, a.image_ids, np.zeros(len(a), int), a.labels, None,
-        np.stack([tkeys.column("height").to_numpy(), tkeys.column("width").to_numpy()], 1))))
+    ttable = manifest.manifest_table(a.image_ids, a.image_ids, np.zeros(len(a), int), a.labels, None,
+                                     np.stack([tkeys.column("height").to_numpy(), tkeys.column("width").to_numpy()], 1))
+    tpart = pa.concat_tables(FoldMasks(a, "truth", None, ttable)(ttable))
     assert tpart.column("rles").to_pylist() == truth.column("rles").to_pylist()
     assert tpart.column("rles").to_pylist()[0] == [a.rle(a.image_ids[0], c) for c in a.class_ids]
 

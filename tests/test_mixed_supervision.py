@@ -1,5 +1,5 @@
 """Mixed supervision: true masks where a masks file covers an image, refined pseudo-masks elsewhere
-(cam2seg/pipeline/segment.py with_true_masks, cam2seg/train/decode.py, cam2seg/train/manifest.py),
+(cam2seg/train/masks.py with_true_masks, cam2seg/train/decode.py, cam2seg/train/manifest.py),
 and evaluation on the covered images only (cam2seg/truemasks.py covered_archive)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from cam2seg import rle
 from cam2seg.archive import Archive
 from cam2seg.config import SegmenterConfig
-from cam2seg.pipeline.segment import mask_targets, with_true_masks
+from cam2seg.train.masks import mask_targets, with_true_masks
 from cam2seg.train import manifest
 from cam2seg.train.decode import segmenter_rows
 from cam2seg.train.targets import IGNORE, build_targets
@@ -105,10 +105,10 @@ def test_mixed_targets_true_masks_as_they_are_pseudo_masks_refined(mixed):
 def test_mixed_manifest_written_fold_by_fold_equals_the_whole_table(mixed, tmp_path, monkeypatch):
     """Also when the pivot gathers 3 images at a time: true-mask rows land in several chunks."""
     from cam2seg import store
-    from cam2seg.pipeline import segment
-    from cam2seg.pipeline.segment import FoldMasks, mask_keys
+    from cam2seg.train import masks as masks_module
+    from cam2seg.train.masks import FoldMasks, mask_keys
 
-    monkeypatch.setattr(segment, "_PIVOT_IMAGES", 3)
+    monkeypatch.setattr(masks_module, "_PIVOT_IMAGES", 3)
 
     arch, tm, whole = mixed["arch"], mixed["tm"], mixed["mixed"]
     root = mixed["store"]
@@ -123,7 +123,7 @@ def test_mixed_manifest_written_fold_by_fold_equals_the_whole_table(mixed, tmp_p
     table = manifest.manifest_table(ids, ids, np.arange(len(ids)) % 3, arch.labels[[arch.index(i) for i in ids]],
                                     None, np.stack([keys.column("height").to_numpy(),
                                                     keys.column("width").to_numpy()], 1), true=true, repeat=2)
-    url = manifest.write_manifest(str(tmp_path / "m"), table, FoldMasks(arch, root, runs, tm))
+    url = manifest.write_manifest(str(tmp_path / "m"), table, FoldMasks(arch, root, runs, table, tm))
     rows = pa.concat_tables([manifest.fold_rows(url, k) for k in range(3)]).sort_by("index")
     assert rows.column("rles").to_pylist() == whole.column("rles").to_pylist()
     assert rows.column_names[-3:] == ["rles", "true", "repeat"]

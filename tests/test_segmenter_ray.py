@@ -103,6 +103,11 @@ def test_segmenter_artifact_card_and_folds(trained):
         assert len(epochs) == CFG["epochs"]
         # the time each epoch's steps waited on their batches: part of the epoch, never more
         assert all(0 <= h["data_wait_seconds"] <= h["seconds"] for h in epochs)
+        # the wait for an epoch's first batch is part of that wait; training is part of the epoch
+        assert all(0 <= h["first_batch_seconds"] <= h["data_wait_seconds"] <= h["train_seconds"] <= h["seconds"]
+                   for h in epochs)
+        # the worker's resident memory by kind: each kind's peak is within the whole peak
+        assert 0 < f["peak_private_mib"] <= f["peak_rss_mib"] + 1 and 0 <= f["peak_shared_mib"] <= f["peak_rss_mib"] + 1
         assert 0 < f["ignored_fraction"] < 0.5  # the edge band
     # the same inputs again: nothing retrained, same version
     assert trained["again"].version == card.version

@@ -28,7 +28,7 @@ from ..folds import make_folds
 from ..train import manifest
 from ..train.classifier_task import OOF_FILE
 from ..train.fold_runner import RUNTIME_ONLY, done_url, drop_checkpoints, fit_folds, trained_card
-from ..train.loop import FINAL_FILE, SWA_FILE
+from ..train.loop import FINAL_FILE, RUN_FIELDS, SWA_FILE
 
 __all__ = ["train_classifiers", "run_key"]
 
@@ -96,7 +96,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         fold_info.append({"fold": k, "workers": final["workers"], "swa_epochs": final["swa_epochs"], "val_loss": final["val_loss"],
                           "auc": final["auc"], "swa_bn_variants": final["swa_bn_variants"],
                           "history": final["history"],
-                          **{key_: final.get(key_) for key_ in ("ingest", "rows", "peak_rss_mib")}})
+                          **{key_: final.get(key_) for key_ in RUN_FIELDS}})
     if np.isnan(probs).any():
         raise RuntimeError(f"{int(np.isnan(probs).any(axis=1).sum())} images got no out-of-fold prediction")
     auc = metrics.roc_auc(archive.labels, probs)

@@ -66,7 +66,7 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int,
     n = new_labels(runs, trained_on)
     due = n >= threshold
     if card is not None and true_masks:
-        from .segment import file_digest
+        from ..train.masks import file_digest
 
         had = (card.training.supervision or {}).get("true_masks_sha256")
         if had != file_digest(true_masks):

@@ -29,13 +29,16 @@ import torch
 
 from .. import io, logs, preprocess
 from . import state, swa
+from .memory import MemoryPeaks
 
 __all__ = ["fold_say", "FINAL_FILE", "autocast", "save_checkpoint", "restore", "update_bn", "make_scaler", "FoldState",
-           "train_loop_per_worker", "SWA_FILE", "Validation", "Finish", "make_optimizer", "make_scheduler"]
+           "train_loop_per_worker", "SWA_FILE", "RUN_FIELDS", "Validation", "Finish", "make_optimizer", "make_scheduler"]
 
 SWA_FILE = "swa.safetensors"
 
 FINAL_FILE = "final.json"
+#: the fields of a fold's ``final.json`` that say how it ran (not what it learned), copied into the cards
+RUN_FIELDS = ("ingest", "rows", "peak_rss_mib", "peak_private_mib", "peak_shared_mib", "peak_file_mib")
 STATE_FILE = "state.json"
 
 _log = logging.getLogger(__name__)
@@ -240,15 +243,6 @@ class FoldState:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _peak_rss_mib() -> float:
-    """This worker process's peak resident memory so far, MiB (what ``ingest`` is chosen by)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
-
-
 def fold_source(task, config: dict, rank: int, world: int):
     """The fold's batches (:mod:`cam2seg.train.ingest`): streamed when the fold runner gave the
     run Ray Data datasets (``config["ingest"] == "stream"``), else decoded into memory."""
@@ -295,6 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
     start, history, sched, keeper = fs.start, fs.history, fs.sched, fs.keeper
 
     t_load = time.perf_counter()
+    memory = MemoryPeaks()
     source = fold_source(task, config, rank, world)
     n_train, n_val = source.counts
     how = "streaming" if config.get("ingest") == "stream" else "loaded"
@@ -306,15 +301,19 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        total, seen, waited = 0.0, 0, 0.0
+        total, seen, waited, first_wait = 0.0, 0, 0.0, None
         batches = iter(source.train(epoch))
         while True:
             t_wait = time.perf_counter()
             # the time the step waits on the data pipeline: what the GPU rows of BENCHMARKS.md report
             batch = next(batches, None)
             waited += time.perf_counter() - t_wait
+            if first_wait is None:
+                # streamed, the pass's start-up (a new Ray Data execution), whatever its length
+                first_wait = waited
             if batch is None:
                 break
+            memory.sample()
             imgs, tgts = batch
             if how == "streaming" and epoch == start:
                 task.observe(tgts)  # what the in-memory source counted over the whole fold
@@ -329,13 +328,16 @@ def train_loop_per_worker(config: dict) -> None:
             total += float(loss.detach()) * len(imgs)
             seen += len(imgs)
         train_loss = total / max(seen, 1)
+        train_secs = time.perf_counter() - t0
         val = task.validate(core, source, device, amp)
+        memory.sample()
         lrs = [g["lr"] for g in opt.param_groups]
         sched.step(val.loss)
         kept = keeper.offer(val.loss, epoch, core.state_dict())
         secs = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, **val.metrics,
-                        **task.lr_fields(lrs), "seconds": secs, "data_wait_seconds": waited, "kept": kept})
+                        **task.lr_fields(lrs), "seconds": secs, "train_seconds": train_secs, "data_wait_seconds": waited,
+                        "first_batch_seconds": first_wait, "kept": kept})
         say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val.loss:.4f}{val.text} "
             f"lr {'/'.join(f'{lr:.1e}' for lr in lrs)} {secs:.1f}s {seen * world / secs:.1f} img/s "
             f"({waited:.1f}s waiting on data)")
@@ -344,7 +346,7 @@ def train_loop_per_worker(config: dict) -> None:
     core.load_state_dict(keeper.average())
     end = task.finish(core, keeper, source, device, amp, say)
     final = {"fold": fold, "workers": world, "swa_epochs": keeper.epochs, "val_loss": end.loss, "history": history,
-             "ingest": config.get("ingest", "memory"), "rows": config.get("rows"), "peak_rss_mib": _peak_rss_mib(),
+             "ingest": config.get("ingest", "memory"), "rows": config.get("rows"), **memory.fields(),
              **end.final}
     fs.report({"fold": fold, "epoch": cfg.epochs, "val_loss": end.loss, "final": True}, cfg.epochs - 1, final=final,
               tensors={SWA_FILE: core.state_dict()}, jsons=end.jsons)
