@@ -21,7 +21,7 @@ Parquet manifest, 5 folds) over the same images: fold by fold, as training does 
 Goal (issue 18): each operation < 60 s and < 2 GB peak on 2 cores.
 
 ``train`` trains the segmenter (true masks, 2 folds, ``--epochs`` epochs at 64x400) on synthetic
-archives of 200 and of ``--images`` images, once with each fold's images in memory and once
+archives of ``--base`` (200) and of ``--images`` images, once with each fold's images in memory and once
 streamed by Ray Data (``ingest``), all in one process on one local Ray, and prints each run's
 training images/s (epochs after the first: per epoch, its validation pass included, and over the
 training pass after its first batch, i.e. without the pass's start-up) and its workers' peak
@@ -29,7 +29,7 @@ memory (from each fold's ``final.json``: the peak resident set ``peak_rss_mib``,
 and shared parts, ``peak_private_mib`` / ``peak_shared_mib``: cam2seg/train/memory.py says why
 the shared part, Ray's object store, is told apart).
 
-    PYTHONPATH=. .venv/bin/python bench/scale.py train [--images 2000] [--epochs 2] [--modes memory stream]
+    PYTHONPATH=. .venv/bin/python bench/scale.py train [--images 2000] [--base 200] [--epochs 2] [--modes memory stream]
 
 Goals (issue 18): streamed, the workers' peak memory grows from 200 to 2,000 images by less than
 20% of what holding the 1,800 extra images (and their targets) in memory takes; streamed
@@ -246,7 +246,7 @@ def _child(name, root, ctx, out):
     out.put((time.perf_counter() - t0, start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, what))
 
 
-def _train(root: str, images: int, epochs: int, modes=("memory", "stream")) -> None:
+def _train(root: str, images: int, epochs: int, modes=("memory", "stream"), base: int = 200) -> None:
     from cam2seg.config import SegmenterConfig
     from cam2seg.pipeline.segment import train_segmenter
     from cam2seg.synthetic import synth
@@ -254,7 +254,7 @@ def _train(root: str, images: int, epochs: int, modes=("memory", "stream")) -> N
 
     size = (64, 400)
     rows = []
-    for n in (200, images):
+    for n in sorted({base, images}):
         data = f"{root}/archive-{n}"
         synth.write_archive(data, images=n, height=size[0], width=size[1], seed=1, mix="balanced", progress=None)
         for mode in modes:
@@ -281,14 +281,16 @@ def _train(root: str, images: int, epochs: int, modes=("memory", "stream")) -> N
     for r in rows:
         print(f"{r['n']:6d} {r['mode']:>7s} {r['secs']:8.0f} {r['per_s']:11.2f} {r['flowing']:13.2f} "
               f"{r['startup']:11.1f} {r['peak_rss_mib']:12.0f} {r['peak_private_mib']:11.0f} {r['peak_shared_mib']:10.0f}")
-    extra = decoded_bytes(images - 200, size, 4) / 2**20
+    if base == images:
+        return
+    extra = decoded_bytes(images - base, size, 4) / 2**20
     at = {(r["n"], r["mode"]): r for r in rows}
     for mode in modes:
         for key, what in (("peak_rss_mib", "peak RSS"), ("peak_private_mib", "peak private memory")):
-            grew = at[(images, mode)][key] - at[(200, mode)][key]
-            print(f"{mode}: {what} grew {grew:.0f} MiB from 200 to {images} images = {grew / extra:.2f}x the "
+            grew = at[(images, mode)][key] - at[(base, mode)][key]
+            print(f"{mode}: {what} grew {grew:.0f} MiB from {base} to {images} images = {grew / extra:.2f}x the "
                   f"{extra:.0f} MiB the extra images and targets take decoded (goal for stream: < 0.2x)")
-    for n in (200, images) if len(modes) == 2 else ():
+    for n in (base, images) if len(modes) == 2 else ():
         s_, m_ = at[(n, "stream")], at[(n, "memory")]
         print(f"{n} images: streamed / in-memory images/s = {s_['per_s'] / m_['per_s']:.2f}x per epoch (goal >= 0.9x), "
               f"{s_['flowing'] / m_['flowing']:.2f}x once the training pass flows")
@@ -301,6 +303,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=["memory", "stream"], default=["memory", "stream"],
                     help="train: the ingest modes to run (both for the images/s ratio)")
     ap.add_argument("--images", type=int, default=1_000_000)
+    ap.add_argument("--base", type=int, default=200, help="train: the smaller archive the larger is compared with")
     ap.add_argument("--relabel", type=float, default=0.1, help="share of images the second run relabels")
     ap.add_argument("--dir", help="where to build the store (default: a temp folder, removed afterwards)")
     ap.add_argument("--ops", nargs="+", choices=list(OPS), help="store: the operations to run (default: all)")
@@ -308,7 +311,8 @@ def main() -> None:
     if args.what == "train":
         tmp = tempfile.mkdtemp(prefix="c2s-scale-")
         try:
-            _train(tmp, args.images if args.images != ap.get_default("images") else 2000, args.epochs, tuple(args.modes))
+            _train(tmp, args.images if args.images != ap.get_default("images") else 2000, args.epochs, tuple(args.modes),
+                   args.base)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return

@@ -114,9 +114,11 @@ class _FoldTraining(_Section):
         "streamed by Ray Data (a few batches held at a time); auto streams above max_memory_gb")
     max_memory_gb: float = Field(8.0, gt=0, description="auto streams when one worker would hold more than this "
                                  "many GiB of decoded training images and targets")
-    decoders: int = Field(1, ge=1, description="Ray Data decode actors per fold and dataset when streaming")
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs each Ray Data read task and decode actor reserves "
+    decoders: int = Field(1, ge=1, description="Ray Data decode tasks at a time per fold and dataset when streaming")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs each Ray Data read and decode task reserves "
                                "when streaming, beside the training workers' CPUs")
+    stream_ahead_rows: int = Field(512, ge=1, description="decoded rows each streamed dataset may hold in Ray's "
+                                   "object store ahead of training (its Ray Data object-store budget)")
     shuffle_rows: int = Field(256, ge=0, description="rows in each worker's shuffle buffer when streaming "
                               "(0: block order only)")
 

@@ -38,6 +38,11 @@ Lean on a small machine (the local Ray a command starts; a laptop's cores are th
 * no extra idle workers when the driver connects (``prestart_worker_first_driver``): the raylet
   still prestarts one per CPU at startup. On 2 cores the driver's extra pair is never used by a
   training command (Ray Train's actors run under their own runtime env) and costs ~1.7 CPU-s.
+* idle workers are kept for reuse (``num_workers_soft_limit``: at least 8, twice the CPUs on
+  larger machines). Ray's default keeps as many as there are *unallocated* CPUs, which training
+  workers holding the CPUs bring to zero: each Ray Data pass of a streamed fold then started
+  its read and decode workers afresh. On 2 cores that cut an epoch's start-up from 14.7 s to
+  4.3 s (BENCHMARKS.md "Start-up per pass").
 
 A cluster cam2seg joins (RAY_ADDRESS, or a head ``ray start`` left for ``ray.init()`` to find)
 is its operator's: nothing is checked or changed there.
@@ -124,7 +129,8 @@ def lean_local() -> dict:
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 set in this process's environment unless it is set
     (Ray Train's controller reads it there and passes it on to its workers)."""
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    return {"_system_config": {"prestart_worker_first_driver": False}}
+    return {"_system_config": {"prestart_worker_first_driver": False,
+                               "num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
 
 
 def _starts_local_cluster() -> bool:

@@ -61,6 +61,48 @@ def test_ray_data_decodes_what_memory_decodes_every_row_once(small_archive, tmp_
     assert sum(len(x) for x, _ in memory.train(0)) == len(ids) and set(expect_val) == set(streamed["val"])
 
 
+def test_idle_workers_outlive_a_pass_while_training_holds_the_cpus(local_ray):
+    """cam2seg's local Ray (cam2seg/raycluster.py lean_local) keeps idle workers while training
+    workers hold every CPU, so a streamed fold's next Ray Data pass reuses its read and decode
+    workers. Ray's default keeps as many as there are unallocated CPUs (none here): it kills the
+    worker after 1 s idle, and each pass started new ones."""
+    import os
+    import time
+
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Training:
+        def ready(self):
+            return True
+
+    @ray.remote(num_cpus=0)
+    def pid():
+        return os.getpid()
+
+    holder = Training.remote()
+    try:
+        ray.get(holder.ready.remote(), timeout=120)
+        first = ray.get(pid.remote(), timeout=120)
+        time.sleep(3)  # Ray checks every 0.2 s for workers idle over 1 s beyond the soft limit
+        assert psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE
+    finally:
+        ray.kill(holder)
+
+
+def test_data_config_bounds_each_streamed_dataset_in_the_object_store():
+    from ray.train import DataConfig
+
+    assert ingest.data_config(None)._user_execution_options is None
+    cfg = ingest.data_config(ingest.decoded_bytes(512, (64, 400), 4))
+    opts = cfg._resolve_execution_options("train")
+    assert opts.resource_limits.object_store_memory == 512 * 64 * 400 * 5
+    default = DataConfig.default_ingest_options()
+    assert opts.preserve_order == default.preserve_order and opts.resource_limits.cpu == default.resource_limits.cpu
+    assert cfg._resolve_execution_options("val").resource_limits.object_store_memory == 512 * 64 * 400 * 5
+
+
 def test_auto_streams_only_what_would_not_fit():
     assert ingest.ingest_mode("auto", 2_000, (64, 400), 4, 8.0) == "memory"
     assert ingest.ingest_mode("auto", 1_000_000, (256, 1600), 0, 8.0) == "stream"  # 410 GB

@@ -37,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 # Settings that change how a run executes but not what it learns: they stay out of run keys.
 RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
-                "gpus_per_worker", "decoders", "decode_cpus"}
+                "gpus_per_worker", "decoders", "decode_cpus", "stream_ahead_rows"}
 
 _POLL_S = 1.0    # how often the driver shows the workers' new lines
 # Ray Train's controller polls its workers every 2 s by default, so it learns that a fold's loop
@@ -86,13 +86,13 @@ def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers:
                max_failures: int, staged: tuple[str, ...]) -> dict:
     """Train one fold with Ray Train; stage its final checkpoint to ``done_url(work, fold)``
     (:func:`stage_checkpoint`)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from .ingest import data_config, fold_datasets
 
     datasets = {}
     if loop_config.get("ingest") == "stream":
-        from .ingest import fold_datasets
-
         c = loop_config[loop_config["task"]]
         datasets = fold_datasets(loop_config, cpus=c["decode_cpus"], decoders=c["decoders"], batch_rows=c["batch_size"],
                                  seed=c["seed"] * 1000 + fold)
@@ -101,9 +101,7 @@ def _fold_task(fold: int, loop: Callable, loop_config: dict, work: str, workers:
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        # "val" unsplit: every worker scores the whole held-out fold, so out-of-fold predictions
-        # cover each image once (a split would drop rows to even the shards out).
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets, dataset_config=data_config(loop_config.get("stream_ahead_bytes")),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})},
@@ -292,7 +290,7 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     when the cluster has too few (Ray Data would wait for them forever)."""
     from ..raycluster import cluster_cpus
     from . import manifest
-    from .ingest import ingest_mode
+    from .ingest import decoded_bytes, ingest_mode
 
     if not configs:  # every fold finished earlier: nothing reads images
         return "in memory"
@@ -305,6 +303,8 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     for k, c in configs.items():
         c["ingest"] = mode
         c["rows"] = {"train": manifest.training_count(table, folds != k), "val": int((folds == k).sum())}
+        if mode == "stream":
+            c["stream_ahead_bytes"] = decoded_bytes(cfg.stream_ahead_rows, size, channels)
     if mode != "stream":
         return "in memory"
     workers = len(configs) * cfg.workers_per_fold

@@ -30,7 +30,7 @@ import pyarrow as pa
 from .. import io
 from . import data, manifest
 
-__all__ = ["InMemory", "Streamed", "decode_rows", "fold_datasets", "ingest_mode", "decoded_bytes"]
+__all__ = ["InMemory", "Streamed", "decode_rows", "fold_datasets", "data_config", "ingest_mode", "decoded_bytes"]
 
 
 def decoded_bytes(rows: int, size: tuple[int, int], target_channels: int) -> int:
@@ -110,6 +110,22 @@ def fold_datasets(config: dict, *, cpus: float, decoders: int, batch_rows: int, 
 
     train = decoded([k for k in range(folds) if k != fold], True)
     return {"train": train.randomize_block_order(seed=seed), "val": decoded([fold], False)}
+
+
+def data_config(ahead_bytes: int | None):
+    """Ray Train's ``DataConfig`` for a fold's datasets: "train" split between the workers, "val"
+    not (every worker scores the whole held-out fold, so out-of-fold predictions cover each image
+    once; a split would drop rows to even the shards out). ``ahead_bytes``: the object-store
+    memory each dataset's execution may use (None: Ray Data's default, half the object store
+    per execution). Without a bound, decoding runs ahead of a slower trainer into the object
+    store, where every block a worker reads is mapped into it (BENCHMARKS.md)."""
+    from ray.train import DataConfig
+
+    if ahead_bytes is None:
+        return DataConfig(datasets_to_split=["train"])
+    opts = DataConfig.default_ingest_options()
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=float(ahead_bytes))
+    return DataConfig(datasets_to_split=["train"], execution_options=opts)
 
 
 class Streamed:

@@ -45,7 +45,10 @@ BASE_SCHEMA = pa.schema([("index", pa.int32()), ("image_id", pa.string()), ("uri
 MASK_COLUMNS = [("height", pa.int16()), ("width", pa.int16()), ("rles", pa.list_(pa.string()))]
 MIXED_COLUMNS = [("true", pa.bool_()), ("repeat", pa.uint8())]
 _COMPLETE = "_complete"
-_ROW_GROUP = 512
+#: rows per Parquet row group: a streamed fold is read, shuffled and decoded in blocks of this
+#: many rows, which at 256x1600 decode to 128 MiB (Ray Data's target block size); at 512 a block
+#: held 1 GiB there, and a streamed worker's buffers grew with the block (BENCHMARKS.md)
+_ROW_GROUP = 64
 
 
 def manifest_table(ids, uris, folds, labels: np.ndarray, rles=None, shapes=None, true=None, repeat: int = 1) -> pa.Table:
