@@ -1,8 +1,8 @@
 # Two entry points for a fresh machine with nothing but Python 3.10+:
 #   make demo   set up .venv and run the pipeline on the embedded default (synthetic archive)
 #   make test   set up .venv and run the test suite (what CI runs)
-#   make test-fast   the unit tests only (no training, no Ray jobs): under a minute
-#   make test-stream the streamed-training test (Ray Data into Ray Train, both stages): ~7 minutes
+#   make test-fast   the unit tests only (no training, no Ray jobs): under 2 minutes
+#   make test-stream the streamed-training test (Ray Data into Ray Train, both stages): ~2 minutes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
