@@ -27,7 +27,9 @@ training images/s (epochs after the first: per epoch, its validation pass includ
 training pass after its first batch, i.e. without the pass's start-up) and its workers' peak
 memory (from each fold's ``final.json``: the peak resident set ``peak_rss_mib``, and its private
 and shared parts, ``peak_private_mib`` / ``peak_shared_mib``: cam2seg/train/memory.py says why
-the shared part, Ray's object store, is told apart).
+the shared part, Ray's object store, is told apart), then each epoch's private peak: with more
+epochs (``--epochs``) more rows pass one worker, so peaks that climb epoch by epoch show a leak
+that the difference between two archives cannot tell from the allocator's spread.
 
     PYTHONPATH=. .venv/bin/python bench/scale.py train [--images 2000] [--base 200] [--epochs 2] [--modes memory stream]
 
@@ -273,14 +275,19 @@ def _train(root: str, images: int, epochs: int, modes=("memory", "stream"), base
                                      for f, h in epochs_]))
             startup = float(np.mean([h["first_batch_seconds"] for _, h in epochs_]))
             peaks = {k: max(f.get(k) or 0 for f in folds) for k in ("peak_rss_mib", "peak_private_mib", "peak_shared_mib")}
+            # each epoch's own private peak: climbing epoch by epoch, the worker holds what has passed
+            by_epoch = [[round(h["peak_private_mib"]) for h in f["history"] if "peak_private_mib" in h] for f in folds]
             rows.append({"n": n, "mode": mode, "secs": time.perf_counter() - t0, "per_s": per_s, "flowing": flowing,
-                         "startup": startup, **peaks})
+                         "startup": startup, **peaks, "private_by_epoch": by_epoch})
             print("done:", rows[-1], flush=True)  # so a run cut off by a time limit keeps what it measured
     print(f"{'images':>6s} {'ingest':>7s} {'seconds':>8s} {'epoch img/s':>11s} {'flowing img/s':>13s} "
           f"{'1st batch s':>11s} {'peak RSS MiB':>12s} {'private MiB':>11s} {'shared MiB':>10s}")
     for r in rows:
         print(f"{r['n']:6d} {r['mode']:>7s} {r['secs']:8.0f} {r['per_s']:11.2f} {r['flowing']:13.2f} "
               f"{r['startup']:11.1f} {r['peak_rss_mib']:12.0f} {r['peak_private_mib']:11.0f} {r['peak_shared_mib']:10.0f}")
+    for r in rows:
+        print(f"{r['n']} images, {r['mode']}: private peak MiB by epoch, per fold: "
+              + "; ".join(", ".join(map(str, fold)) for fold in r["private_by_epoch"]))
     if base == images:
         return
     extra = decoded_bytes(images - base, size, 4) / 2**20

@@ -27,3 +27,20 @@ def test_private_peak_follows_what_this_process_allocates():
     got = peaks.fields()
     assert got["peak_private_mib"] >= before + 60
     assert got["peak_private_mib"] <= got["peak_rss_mib"] + 1
+
+
+def test_an_epochs_peak_starts_again_while_the_folds_peak_keeps_the_maximum():
+    peaks = MemoryPeaks()
+    if peaks.peaks is None:
+        assert peaks.epoch_fields() == {}
+        return
+    held = np.ones(64 * 2**20, np.uint8)
+    peaks.sample()
+    del held
+    first = peaks.epoch_fields()
+    assert set(first) == {"peak_private_mib", "peak_shared_mib"}
+    assert peaks.epoch_fields() == {}  # nothing sampled since
+    peaks.sample()
+    second = peaks.epoch_fields()
+    assert second["peak_private_mib"] <= first["peak_private_mib"] - 60  # the 64 MiB were freed
+    assert peaks.fields()["peak_private_mib"] >= first["peak_private_mib"]

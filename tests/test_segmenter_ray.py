@@ -108,6 +108,9 @@ def test_segmenter_artifact_card_and_folds(trained):
                    for h in epochs)
         # the worker's resident memory by kind: each kind's peak is within the whole peak
         assert 0 < f["peak_private_mib"] <= f["peak_rss_mib"] + 1 and 0 <= f["peak_shared_mib"] <= f["peak_rss_mib"] + 1
+        # and each epoch's own peak; the last epoch ran in the process that wrote the fold's peaks
+        assert all(0 < h["peak_private_mib"] and 0 <= h["peak_shared_mib"] for h in epochs)
+        assert epochs[-1]["peak_private_mib"] <= f["peak_private_mib"]
         assert 0 < f["ignored_fraction"] < 0.5  # the edge band
     # the same inputs again: nothing retrained, same version
     assert trained["again"].version == card.version

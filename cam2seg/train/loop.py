@@ -337,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
         secs = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, **val.metrics,
                         **task.lr_fields(lrs), "seconds": secs, "train_seconds": train_secs, "data_wait_seconds": waited,
-                        "first_batch_seconds": first_wait, "kept": kept})
+                        "first_batch_seconds": first_wait, "kept": kept, **memory.epoch_fields()})
         say(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train_loss:.4f} val_loss {val.loss:.4f}{val.text} "
             f"lr {'/'.join(f'{lr:.1e}' for lr in lrs)} {secs:.1f}s {seen * world / secs:.1f} img/s "
             f"({waited:.1f}s waiting on data)")

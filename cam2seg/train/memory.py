@@ -42,10 +42,14 @@ def status_mib(path: str = "/proc/self/status") -> dict[str, float] | None:
 
 
 class MemoryPeaks:
-    """The maximum of each kind of :func:`status_mib` over the calls to :meth:`sample`."""
+    """The maximum of each kind of :func:`status_mib` over the calls to :meth:`sample`, over the
+    whole fold (:meth:`fields`) and since the last :meth:`epoch_fields`. An epoch's peak beside the
+    next tells a worker that holds more as more rows pass (a leak: the peaks climb epoch by epoch)
+    from the step-to-step spread of the allocator (they do not)."""
 
     def __init__(self):
         self.peaks: dict[str, float] | None = None
+        self.recent: dict[str, float] | None = None
         self.sample()
 
     def sample(self) -> None:
@@ -53,6 +57,14 @@ class MemoryPeaks:
         if now is None:
             return
         self.peaks = now if self.peaks is None else {k: max(v, now[k]) for k, v in self.peaks.items()}
+        self.recent = now if self.recent is None else {k: max(v, now[k]) for k, v in self.recent.items()}
+
+    def epoch_fields(self) -> dict:
+        """An epoch's history fields, ``peak_private_mib`` / ``peak_shared_mib``: the peaks since
+        the previous call (empty where not sampled), which then start again."""
+        out = {} if self.recent is None else {f"peak_{k}_mib": self.recent[k] for k in ("private", "shared")}
+        self.recent = None
+        return out
 
     def fields(self) -> dict:
         """The fold's ``final.json`` fields: ``peak_rss_mib`` and, where sampled,
