@@ -41,6 +41,10 @@ def status_mib(path: str = "/proc/self/status") -> dict[str, float] | None:
     return out if len(out) == len(_FIELDS) else None
 
 
+def _higher(peaks: dict[str, float] | None, now: dict[str, float]) -> dict[str, float]:
+    return now if peaks is None else {k: max(v, now[k]) for k, v in peaks.items()}
+
+
 class MemoryPeaks:
     """The maximum of each kind of :func:`status_mib` over the calls to :meth:`sample`, over the
     whole fold (:meth:`fields`) and since the last :meth:`epoch_fields`. An epoch's peak beside the
@@ -56,8 +60,7 @@ class MemoryPeaks:
         now = status_mib()
         if now is None:
             return
-        self.peaks = now if self.peaks is None else {k: max(v, now[k]) for k, v in self.peaks.items()}
-        self.recent = now if self.recent is None else {k: max(v, now[k]) for k, v in self.recent.items()}
+        self.peaks, self.recent = _higher(self.peaks, now), _higher(self.recent, now)
 
     def epoch_fields(self) -> dict:
         """An epoch's history fields, ``peak_private_mib`` / ``peak_shared_mib``: the peaks since
