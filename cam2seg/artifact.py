@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from . import __version__, io
+from .classes import default_names
 from .postprocess import CardPostProcess
 from .train import state
 
@@ -75,10 +76,13 @@ class ModelCard(BaseModel):
     architecture: str
     num_classes: int
     class_ids: list[int]
+    #: the classes' names, in class id order (None on cards from before names: "class <id>")
+    class_names: list[str] | None = None
     input_size: tuple[int, int]
+    #: grey (True) or RGB (False) images; the model's input channels are len(mean)
     grayscale: bool = True
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     head: ClassifierHead | SegmenterHead
     folds: int
     fold_files: list[str]
@@ -90,6 +94,33 @@ class ModelCard(BaseModel):
     cam2seg_version: str = __version__
     created: str = ""
     version: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        """The classes' names in class id order."""
+        return list(self.class_names) if self.class_names is not None else default_names(self.class_ids)
+
+    @property
+    def channels(self) -> int:
+        """Image channels the model reads: 1 (grey) or 3 (RGB)."""
+        return 1 if self.grayscale else 3
+
+    @property
+    def in_chans(self) -> int:
+        """The model's input channels (3 with grey images on cards from before the channel setting)."""
+        return len(self.mean)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_classes < 1 or len(self.class_ids) != self.num_classes:
+            raise ValueError(f"num_classes {self.num_classes} with {len(self.class_ids)} class ids")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
+            raise ValueError(f"mean and std must both have 1 or 3 values, got {len(self.mean)} and {len(self.std)}")
+        if not self.grayscale and len(self.mean) != 3:
+            raise ValueError("an RGB model needs 3-channel mean and std")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -106,8 +137,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _content_version(card: ModelCard) -> str:
-    # The creation time is left out: identical weights and card give the same version.
-    return _body_version(card.model_dump(exclude={"version", "created"}))
+    # The creation time is left out: identical weights and card give the same version. Hashed as
+    # written (JSON mode: an undefined ROC-AUC is null in the file, so it is null here too).
+    return _body_version(card.model_dump(mode="json", exclude={"version", "created"}))
 
 
 def _body_version(body: dict) -> str:

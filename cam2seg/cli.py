@@ -90,6 +90,11 @@ def effective_config(args):
     return load_config(getattr(args, "config", None), over)
 
 
+def _archive_flags(p: argparse.ArgumentParser) -> None:
+    """--classes and --clean: how the command reads archives (the config's archive section)."""
+    config_flags(p, "archive", [("classes", {"metavar": "A,B,..."}), ("clean", {"metavar": "FOLDER"})])
+
+
 def _print_stats(url: str, limit: int | None) -> None:
     from . import archive as archive_mod
     from .synthetic import maskstats
@@ -100,7 +105,8 @@ def _print_stats(url: str, limit: int | None) -> None:
     first = next(iid for iid, d in zip(arch.image_ids, arch.defective) if d)
     h, w = arch.image_shape(first)
     t0 = time.perf_counter()
-    values = maskstats.collect(archive_mod.iter_class_masks(arch, limit, shape=(h, w)))
+    # each image's own size (one header read each): an archive may mix sizes
+    values = maskstats.collect(archive_mod.iter_class_masks(arch, limit))
     summary = maskstats.summarise(values)
     print(maskstats.format_comparison(summary, h, w))
     print(f"(measured {sum(len(v['area']) for v in values.values())} masks in {time.perf_counter() - t0:.1f}s)")
@@ -110,15 +116,21 @@ def cmd_synth(args) -> int:
     from .synthetic import synth
 
     cfg = effective_config(args).synth
+    # Spaces after the commas are the user's layout, not part of a name ("pit, scratch").
+    names = None if cfg.class_names is None else [n.strip() for n in cfg.class_names.split(",")]
     try:
         summary = synth.write_archive(args.out, cfg.images, cfg.height, cfg.width, cfg.seed, cfg.clean_fraction,
-                                      cfg.workers, mix=cfg.class_mix, force=args.force)
-    except FileExistsError as e:  # a non-empty OUT without --force: nothing was written
+                                      cfg.workers, mix=cfg.class_mix, force=args.force, num_classes=cfg.classes,
+                                      class_names=names, color=cfg.color, color_only=cfg.color_only)
+    except (FileExistsError, ValueError) as e:  # a non-empty OUT without --force, bad names...: refused before writing
         print(f"cam2seg synth: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {summary['images']} images ({cfg.height}x{cfg.width}) to {args.out} "
+    look = ", RGB, classes differ only in hue" if cfg.color_only else ", RGB" if cfg.color else ""
+    print(f"wrote {summary['images']} images ({cfg.height}x{cfg.width}{look}) to {args.out} "
           f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s)")
-    per_class = ", ".join(f"class {c}: {n}" for c, n in summary["images_per_class"].items())
+    # Severstal's layout keys the counts by ClassId 1..4, a named archive by class name.
+    per_class = ", ".join(f"class {c}: {n}" if c.isdigit() else f"{c}: {n}"
+                          for c, n in summary["images_per_class"].items())
     print(f"  clean images: {summary['clean_images']}; images per class: {per_class}; masks: {summary['masks']}")
     print(f"  {args.out}/train.csv (masks, Kaggle RLE), {args.out}/labels.csv (labels only), "
           f"{args.out}/train_images/")
@@ -280,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic Severstal-like archive")
     p.add_argument("out", metavar="OUT", help="output folder (local path, file:// or s3:// URL)")
     config_flags(p, "synth", ["images", ("height", {"metavar": "H"}), ("width", {"metavar": "W"}),
-                              ("seed", {"metavar": "S"}), "clean_fraction", "workers", "class_mix"])
+                              ("seed", {"metavar": "S"}), "clean_fraction", "workers", "class_mix",
+                              ("classes", {"metavar": "N"}), ("class_names", {"metavar": "A,B,..."}), "color",
+                              "color_only"])
     p.add_argument("--stats", action="store_true", help="print mask geometry beside real Severstal's")
     p.add_argument("--force", action="store_true", help="empty OUT first when it is not empty (else refused)")
     _add_config(p)
@@ -289,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="mask geometry of an archive with true masks, beside real Severstal's")
     p.add_argument("archive", metavar="ARCHIVE", help="archive folder or its train.csv")
     config_flags(p, "stats", ["limit"])
+    _archive_flags(p)
     _add_config(p)
     p.set_defaults(func=cmd_stats)
 
@@ -296,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="ARCHIVE", help="archive folder or CSV (labels are enough)")
     p.add_argument("--out", required=True, metavar="MODEL", help="artifact folder to write (any fsspec URL)")
     config_flags(p, "classifier", [("folds", {"metavar": "K"}), "epochs", "size", ("encoder", {"metavar": "NAME"}),
-                                   "output_stride", "batch_size", ("seed", {"metavar": "S"})])
+                                   "output_stride", "batch_size", ("seed", {"metavar": "S"}), "channels"])
+    _archive_flags(p)
     p.add_argument("--force", action="store_true", help="retrain even if MODEL already holds this classifier")
     _add_config(p)
     p.set_defaults(func=cmd_train_classifiers)
@@ -313,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-level labels of these images (an archive folder or its train.csv / labels.csv): "
                    "classes they call absent get empty masks, the named ones always get theirs")
     config_flags(p, "label", ["actors", "batch_size", "method"])
+    _archive_flags(p)
     _add_config(p)
     p.set_defaults(func=cmd_label)
 
@@ -322,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("store", {"flag": "--out", "metavar": "STORE"}), "retrain_after",
                                 ("data", {"metavar": "ARCHIVE"}), ("segmenter", {"metavar": "SEG"}),
                                 ("true_masks", {"metavar": "MASKS.csv"})])
+    _archive_flags(p)
     _add_config(p)
     p.set_defaults(func=cmd_nightly)
 
@@ -332,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="SEG", help="artifact folder to write (any fsspec URL)")
     config_flags(p, "segmenter", [("folds", {"metavar": "K"}), "epochs", "size", ("encoder", {"metavar": "NAME"}),
                                   ("architecture", {"metavar": "NAME"}), "batch_size", ("ignore_band", {"metavar": "PX"}),
-                                  ("seed", {"metavar": "S"}), "true_mask_weight"])
+                                  ("seed", {"metavar": "S"}), "true_mask_weight", "channels"])
+    _archive_flags(p)
     p.add_argument("--true-masks", metavar="MASKS.csv",
                    help="mixed supervision: a masks file (from import-coco, or an old project's) whose images train "
                         "on their true masks; every other image on its pseudo-mask (needs a STORE as --masks)")
@@ -351,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmenter artifact(s), one or more, the flag repeatable: out-of-fold Dice, paper "
                         "heuristics and tuned (Table 3)")
     config_flags(p, "evaluate", ["objective", "guided", "batch_size", "min_images", "min_positive_pairs"])
+    _archive_flags(p)
     p.add_argument("--no-write", action="store_true", help="print only; leave the model card as it is")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
@@ -363,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="SEG", action="extend", nargs="+",
                    help="segmenter artifact(s), one or more, the flag repeatable")
     config_flags(p, "report", ["examples"])
+    _archive_flags(p)
     _add_config(p)
     p.set_defaults(func=cmd_report)
 
@@ -383,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map a COCO category (name or id) to a class id; repeatable, added to the config's "
                         "import_coco.categories (default: names like 'class 3')")
     config_flags(p, "import_coco", ["unannotated"])
+    _archive_flags(p)
     p.add_argument("--force", action="store_true", help="replace MASKS.csv when it exists")
     _add_config(p)
     p.set_defaults(func=cmd_import_coco)
@@ -401,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .archive import ArchiveError
+    from .archive import reading as archive_reading
     from .artifact import ArtifactError
     from .config import ConfigError
     from .rle import RLEError
@@ -410,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure()
     try:
-        return args.func(args)
+        reading = effective_config(args).archive
+        with archive_reading(reading.class_list, reading.clean):
+            return args.func(args)
     except (ConfigError, ArchiveError, ArtifactError, RLEError, StoreError, CocoError, FileNotFoundError, FileExistsError,
             NotADirectoryError, ValueError) as e:
         print(f"cam2seg {args.command}: error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from . import io
 from .cam.engine import CAM_METHODS, DEFAULT_METHOD  # the one list of CAM method names (imports torch)
 from .refine import Refine
 
-__all__ = ["ConfigError", "SynthConfig", "StatsConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig",
+__all__ = ["ConfigError", "SynthConfig", "ArchiveConfig", "StatsConfig", "ClassifierConfig", "LabelConfig", "SegmenterConfig",
            "NightlyConfig", "EvaluateConfig", "ReportConfig", "ExportConfig", "Config", "load_config", "load_yaml",
            "parse_size", "MAX_CONFIG_BYTES"]
 
@@ -88,6 +88,26 @@ class SynthConfig(_Section):
     workers: int = Field(1, ge=1, description="processes generating images in parallel")
     class_mix: Literal["severstal", "balanced"] = Field(
         "severstal", description="Severstal's class combinations, or one uniform class per defective image")
+    classes: int = Field(4, ge=1, le=16, description="number of defect classes (4: Severstal's; other counts "
+                         "reuse the four defect families with their own looks)")
+    class_names: str | None = Field(None, description="comma-separated class names for the labels header "
+                                    "(None: 1..4 for the default archive, else names of the defect families)")
+    color: bool = Field(False, description="RGB images whose defect classes also differ in hue (False: grey)")
+    color_only: bool = Field(False, description="every class has the same shape and brightness and differs only "
+                             "in hue (implies --color; the bench that shows what colour earns)")
+
+
+class ArchiveConfig(_Section):
+    """How every command reads an archive (README.md, "Archive layouts"); the files decide by default."""
+
+    classes: str | None = Field(None, description="comma-separated class names, in class id order (None: the "
+                                "archive's own: labels.csv's header, else ClassIds 1..max or the sorted names, else "
+                                "the class folders)")
+    clean: str = Field("good", description="folder of the clean images in the folder-per-class layout")
+
+    @property
+    def class_list(self) -> list[str] | None:
+        return None if self.classes is None else [c.strip() for c in self.classes.split(",")]
 
 
 class StatsConfig(_Section):
@@ -121,6 +141,14 @@ class _FoldTraining(_Section):
                                    "object store ahead of training (its Ray Data object-store budget)")
     shuffle_rows: int = Field(256, ge=0, description="rows in each worker's shuffle buffer when streaming "
                               "(0: block order only)")
+    channels: Literal["auto", "1", "3"] = Field(
+        "auto", description="image channels the model reads: 1 (grey), 3 (RGB), or auto (3 when a sample of the "
+        "archive's images has colour, else 1)")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML's channels: 3
 
     @field_validator("size", mode="before", check_fields=False)  # each subclass declares its size
     @classmethod
@@ -170,7 +198,7 @@ class LabelConfig(_Section):
     images_per_file: int = Field(2000, ge=1, description="images per Parquet part")
     commit_every: int = Field(10000, ge=1, description="commit the run's parts after this many more images")
     image_size: str = Field("auto", description="expected HEIGHTxWIDTH of every image, 'any', or 'auto' "
-                            "(the size the model's training archive had)")
+                            "(the size the model's training archive had; any size when its images differed)")
     max_pixels: int = Field(64 * 1024 * 1024, ge=1, description="images whose header declares more pixels than "
                             "this are error rows, never decoded (decompression bombs)")
     lease_ttl: float = Field(600.0, gt=0, description="seconds without heartbeat before a run's lease expires")
@@ -290,6 +318,7 @@ class Config(_Section):
     """The whole tree; later stages add their sections here."""
 
     synth: SynthConfig = SynthConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     stats: StatsConfig = StatsConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     label: LabelConfig = LabelConfig()

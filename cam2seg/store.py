@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import io, rle
+from .classes import check_same, default_names
 
 __all__ = ["MASK_SCHEMA", "ERROR_SCHEMA", "StoreError", "StoreBusy", "Part", "Parts", "RunMarker", "RunWriter",
            "new_run_id", "write_part", "commit",
@@ -107,6 +108,16 @@ class RunMarker(BaseModel):
     positives: list[int] | None = None
     labels: str | None = None
     label_gated: int = 0
+    #: the model's class names in class id order (None on markers from before names)
+    class_names: list[str] | None = None
+
+    @property
+    def names(self) -> list[str] | None:
+        """The run's class names; from its class ids for older markers; None when neither is known."""
+        if self.class_names is not None:
+            return list(self.class_names)
+        ids = self.config.get("class_ids")
+        return default_names(ids) if ids else None
 
 
 def now() -> str:
@@ -137,6 +148,15 @@ def commit(store: str, run_id: str, marker: RunMarker | dict) -> RunMarker:
     marker = RunMarker.model_validate({**fields, "run_id": run_id, "committed_at": now()})
     io.write_bytes(io.join(store, RUNS, f"{run_id}.json"), marker.model_dump_json(indent=1).encode())
     return marker
+
+
+def check_classes(store: str, names: list[str], what: str, runs: list[RunMarker] | None = None) -> None:
+    """Refuse (:class:`cam2seg.classes.ClassMismatch`) when a committed run of ``store`` holds other
+    classes than ``names`` (of ``what``: the model that labels, or the archive a segmenter
+    trains on), naming both lists."""
+    for marker in committed_runs(store) if runs is None else runs:
+        if marker.names is not None:
+            check_same(names, what, marker.names, f"the label store {store} (run {marker.run_id})")
 
 
 def committed_runs(store: str) -> list[RunMarker]:

@@ -15,7 +15,9 @@ file says nothing about images it does not name. An archive's own ``train.csv`` 
 masks file that covers every image it lists.
 
 :func:`read_true_masks` parses one against an archive (every ImageId must be an archive image);
-:func:`masks_csv` writes the text. Class ids are 1-based, as everywhere in files.
+:func:`masks_csv` writes the text. A ``ClassId`` is a name of the archive's ``class_names`` or a
+1-based index into them (class id k is ``class_names[k - 1]``, as everywhere in files); the
+files written here carry the indices.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class TrueMasks:
 def read_true_masks(url: str, archive: Archive) -> TrueMasks:
     """Parse the masks file at ``url`` (any fsspec URL) for ``archive``; raises ArchiveError naming
     the file and lines for bad rows, duplicates, ImageIds that are not in the archive and class
-    ids out of range. RLE syntax is checked here, its bounds when a mask is decoded."""
+    ids that are neither a class name of the archive nor an index into its classes. RLE syntax
+    is checked here, its bounds when a mask is decoded."""
     url = io.absolute(str(url))
     rows = _read_csv(url)
     if not rows:
@@ -85,7 +88,7 @@ def read_true_masks(url: str, archive: Archive) -> TrueMasks:
             foreign.append(f"line {line}: {image_id}")
             return False
 
-    for _, image_id, class_id, text in mask_rows(url, header, rows[1:], archive.num_classes, bad, dup, in_archive):
+    for _, image_id, class_id, text in mask_rows(url, header, rows[1:], archive.class_names, bad, dup, in_archive):
         if text:
             rles[(image_id, class_id)] = text
         covered.add(image_id)
@@ -131,4 +134,5 @@ def covered_archive(archive: Archive, true_masks: TrueMasks) -> Archive:
     for image_id, class_id in true_masks.rles:
         labels[index[image_id], class_id - 1] = 1
     return Archive(root=archive.root, source=true_masks.source, image_ids=ids, labels=labels, has_masks=True,
-                   num_classes=c, _rles={k: (v, 0) for k, v in true_masks.rles.items()}, _index=index)
+                   num_classes=c, class_names=list(archive.class_names), images_dir=archive.images_dir,
+                   _rles={k: (v, 0) for k, v in true_masks.rles.items()}, _index=index)

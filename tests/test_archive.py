@@ -90,9 +90,14 @@ def test_bad_rle_and_mixed_rows(small_archive, tmp_path):
 def test_wide_csv_errors(small_archive, tmp_path):
     root = _copy(small_archive, tmp_path)
     (root / "train.csv").unlink()
-    (root / "labels.csv").write_text("ImageId,1,2,3\nsynth_0000000.jpg,0,1,0\n")
+    (root / "labels.csv").write_text("ImageId,1,2,4\nsynth_0000000.jpg,0,1,0\n")
     with pytest.raises(ArchiveError, match="one 0/1 column per class"):
         Archive.open(str(root))
+    # three numbered columns are three classes now; a caller expecting four says so
+    (root / "labels.csv").write_text("ImageId,1,2,3\nsynth_0000000.jpg,0,1,0\n")
+    assert Archive.open(str(root), check_images=False).class_names == ["class 1", "class 2", "class 3"]
+    with pytest.raises(ArchiveError, match="labels.csv: 3 classes found.*num_classes=4"):
+        Archive.open(str(root), num_classes=4)
     (root / "labels.csv").write_text("ImageId,class_1,class_2,class_3,class_4\nsynth_0000000.jpg,0,2,0,0\n")
     with pytest.raises(ArchiveError, match="line 2: class columns must be 0 or 1"):
         Archive.open(str(root))

@@ -88,7 +88,7 @@ def test_out_size_ensemble_and_errors():
     assert torch.allclose(cams, (ca + cb) / 2, atol=1e-6) and torch.allclose(probs, (pa + pb) / 2)
     with pytest.raises(ValueError, match="unknown fast CAM method"):
         compute_cams(a, x, method="scorecam")
-    with pytest.raises(ValueError, match=r"\[B, 3, h, w\]"):
+    with pytest.raises(ValueError, match=r"\[B, channels, h, w\]"):
         compute_cams(a, x[0])
     with pytest.raises(ValueError, match="unknown library CAM method"):
         library_cams(a, x, method="nope")

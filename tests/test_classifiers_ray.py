@@ -31,7 +31,8 @@ def test_artifact_complete_and_loadable(trained):
     assert card.version == trained["card"].version and len(models) == 2
     assert card.architecture == "mobilenetv3_small_100" and tuple(card.input_size) == (64, 400)
     assert set(card.metrics["oof_auc"]) == {"1", "2", "3", "4"}
-    x = torch.randn(2, 3, 64, 400)
+    assert (card.channels, card.in_chans, card.names) == (1, 1, ["class 1", "class 2", "class 3", "class 4"])
+    x = torch.randn(2, 1, 64, 400)  # a grey archive: one input channel
     assert models[0](x).shape == (2, 4)
 
 

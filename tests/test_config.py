@@ -144,11 +144,16 @@ def test_every_generated_flag_matches_its_field():
     assert seen >= 30
     # the generated flags by command (the report lists them)
     generated = {c: [n for _, n in p.get_default("config_fields") or []] for c, p in _subparsers().items()}
-    assert generated["evaluate"] == ["objective", "guided", "batch_size", "min_images", "min_positive_pairs"]
-    assert generated["nightly"] == ["model", "images", "store", "retrain_after", "data", "segmenter", "true_masks"]
-    assert generated["import-coco"] == ["unannotated"]
+    reading = ["classes", "clean"]  # how the command reads archives (the archive section)
+    assert generated["evaluate"] == ["objective", "guided", "batch_size", "min_images", "min_positive_pairs", *reading]
+    assert generated["nightly"] == ["model", "images", "store", "retrain_after", "data", "segmenter", "true_masks",
+                                    *reading]
+    assert generated["import-coco"] == ["unannotated", *reading]
     assert generated["export-coco"] == ["format", "order", "limit"]
-    assert generated["report"] == ["examples"] and generated["stats"] == ["limit"]
+    assert generated["report"] == ["examples", *reading] and generated["stats"] == ["limit", *reading]
+    for command in ("train-classifiers", "train-segmenter", "label"):
+        assert generated[command][-len(reading):] == reading, command
+    assert "channels" in generated["train-classifiers"] and "channels" in generated["train-segmenter"]
 
 
 def test_readme_flags_still_exist():

@@ -85,10 +85,10 @@ def test_any_decoder_exception_is_an_image_decode_error(tmp_path, monkeypatch):
 
     real = preprocess.prepare
 
-    def resize_fails(img, size):
+    def resize_fails(img, size, channels=1):
         if img.shape[1] == 40 and img[0, 1] == 1:
             raise RuntimeError("cv2.error: resize failed")
-        return real(img, size)
+        return real(img, size, channels)
 
     monkeypatch.setattr(preprocess, "prepare", resize_fails)
     (tmp_path / "c.png").write_bytes(io.encode_png(np.full((20, 30), 7, np.uint8)))

@@ -270,12 +270,14 @@ def test_label_gates_from_a_folder_or_a_csv(setup, tmp_path):
     """A long train.csv with its folder: unlisted images under train_images/ are clean. A wide
     labels.csv alone: only the images it lists are known (the rest keep the classifier's gate).
     Classes must match the model's."""
-    from cam2seg.archive import Archive, ArchiveError
+    from cam2seg.archive import Archive
+    from cam2seg.classes import ClassMismatch
     from cam2seg.pipeline.label import label_gates
 
     folder = setup["root"] / "archive"
     archive = Archive.open(str(folder), strict_images=False)
-    gates = label_gates(str(folder), [1, 2, 3, 4])
+    names = ["class 1", "class 2", "class 3", "class 4"]
+    gates = label_gates(str(folder), names)
     clean = [i for i in archive.image_ids if not archive.labels[archive.index(i)].any()]
     assert set(gates) == set(archive.image_ids) and clean and all(not gates[i].any() for i in clean)
     assert all((gates[i] == archive.labels[archive.index(i)]).all() for i in archive.image_ids)
@@ -283,6 +285,9 @@ def test_label_gates_from_a_folder_or_a_csv(setup, tmp_path):
     wide = tmp_path / "labels.csv"
     wide.write_text("ImageId,class_1,class_2,class_3,class_4\n" + "".join(
         f"{i},{','.join(str(int(v)) for v in archive.labels[archive.index(i)])}\n" for i in known))
-    assert set(label_gates(str(wide), [1, 2, 3, 4])) == set(known)
-    with pytest.raises(ArchiveError, match="have classes"):
-        label_gates(str(folder), [1, 2, 3])
+    assert set(label_gates(str(wide), names)) == set(known)
+    with pytest.raises(ClassMismatch, match=r"has classes \['class 1', 'class 2', 'class 3', 'class 4'\], the model "
+                       r"has \['class 1', 'class 2', 'class 3'\]"):
+        label_gates(str(folder), names[:3])
+    with pytest.raises(ClassMismatch, match="the model has"):
+        label_gates(str(folder), ["pit", "streak", "scratch", "blotch"])  # same count, other names

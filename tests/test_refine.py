@@ -47,8 +47,12 @@ def test_par_keeps_shape_and_range_and_validates():
     assert out.shape == cam.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(par(cam, image, iterations=0), cam.float())
-    with pytest.raises(ValueError, match="image \\[B, 1, H, W\\]"):
-        par(cam, image.expand(-1, 3, -1, -1))
+    with pytest.raises(ValueError, match="image \\[B, 1 or 3, H, W\\]"):
+        par(cam, image.expand(-1, 2, -1, -1))
+    # an RGB image whose channels are equal refines as its grey one (both steps)
+    assert torch.allclose(par(cam, image.expand(-1, 3, -1, -1)), out, atol=1e-5)
+    from cam2seg.refine.contrast import contrast
+    assert torch.allclose(contrast(cam, image.expand(-1, 3, -1, -1)), contrast(cam, image), atol=1e-6)
     with pytest.raises(ValueError, match="differ in batch or size"):
         par(cam, image[..., :100])
     with pytest.raises(ValueError, match="dilations"):

@@ -117,7 +117,7 @@ def test_the_loss_and_targets_teach_a_unet_to_find_defects(small_archive):
     rles = [[a.rle(i, c) for c in a.class_ids] for i in ids]
     y = build_targets(rles, [(64, 400)] * len(ids), size, None, SegmenterConfig())
     torch.manual_seed(0)
-    model = create_segmenter("Unet", ENC, 4)
+    model = create_segmenter("Unet", ENC, 4, in_channels=1)  # grey images: one input channel
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, t = preprocess.to_input(imgs), torch.from_numpy(y)
     for _ in range(60):

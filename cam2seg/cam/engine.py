@@ -18,8 +18,8 @@ maps then follow pytorch-grad-cam step by step, so the two agree numerically:
    together in one 6x batch (``variants_per_pass=None``)
 
 Finally the maps are resized to ``out_size`` (the original image's size) for the masks.
-Shapes: images ``float32[B, 3, h, w]`` normalised; cams ``float32[B, C, H, W]`` in [0, 1];
-probs ``float32[B, C]`` (sigmoid of the un-augmented logits).
+Shapes: images ``float32[B, in_chans, h, w]`` normalised (1 grey or 3 RGB channels); cams
+``float32[B, C, H, W]`` in [0, 1]; probs ``float32[B, C]`` (sigmoid of the un-augmented logits).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def compute_cams(model, images: torch.Tensor, method: str = DEFAULT_METHOD, aug_
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if images.ndim != 4:
-        raise ValueError(f"images must be [B, 3, h, w], got {tuple(images.shape)}")
+        raise ValueError(f"images must be [B, channels, h, w], got {tuple(images.shape)}")
     variants = AUG_VARIANTS if aug_smooth else ((False, 1.0),)
     if method not in CAM_METHODS:
         raise ValueError(f"unknown fast CAM method {method!r}; fast methods: {', '.join(CAM_METHODS)}")

@@ -76,8 +76,8 @@ def guided_model(model: nn.Module) -> nn.Module:
 def guided_backprop(guided: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Guided input gradients of every class logit.
 
-    ``guided``: from :func:`guided_model`; ``images`` ``float32[B, 3, H, W]`` normalised.
-    Returns ``float32[B, C, 3, H, W]`` (one full backward per class).
+    ``guided``: from :func:`guided_model`; ``images`` ``float32[B, K, H, W]`` normalised
+    (K input channels). Returns ``float32[B, C, K, H, W]`` (one full backward per class).
     """
     x = images.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -88,10 +88,9 @@ def guided_backprop(guided: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def guided_saliency(grads: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
-    """``[B, C, 3, H, W]`` guided gradients -> ``[B, C, H, W]`` pixel saliency in [0, 1].
+    """``[B, C, K, H, W]`` guided gradients -> ``[B, C, H, W]`` pixel saliency in [0, 1].
 
-    Magnitude summed over the colour channels (the archive is grey, so the three channels
-    carry one pixel), scaled by its ``quantile`` per map and clipped: the map's maximum
+    Magnitude summed over the input channels (one for a grey model, three for RGB), scaled by its ``quantile`` per map and clipped: the map's maximum
     is a single spiky pixel, which would leave the rest near zero.
     """
     s = grads.abs().sum(dim=2)

@@ -37,6 +37,7 @@ from ..artifact import ModelCard, load_card, update_card
 from ..folds import FOLDS_FILE, load_folds
 from ..models.predict import Predictor, load_predictor
 from ..postprocess import DEFAULT_CAM, PAPER, CardPostProcess, PostProcess
+from ..classes import check_same
 from ..refine import DEFAULT_REFINE, NO_REFINE, Refine, refine_maps
 
 __all__ = ["CamStats", "CamScores", "oof_map_stats", "oof_cam_stats", "pair_dice", "score_cams", "write_cam_scores",
@@ -84,6 +85,7 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
     ``refines`` (id -> refinement, None: the raw maps): one map pass, each refinement applied
     to its maps at the input size; returns id -> :class:`CamStats`. Without it, one
     :class:`CamStats` of the predictor's own maps."""
+    check_same(archive.class_names, f"archive {archive.source}", predictor.card.names, what)
     missing = [i for i in archive.image_ids if i not in folds]
     if missing:
         raise ArchiveError(f"{len(missing)} image(s) of {archive.root} are not in the model's folds "
@@ -94,6 +96,8 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
     raw = replace(predictor, refine=None)
     card, dev = predictor.card, predictor.device
     shape = archive.image_shape(archive.image_ids[0])
+    # one header read per image (evaluation reads every image anyway)
+    sizes_vary = len({tuple(archive.image_shape(i)) for i in archive.image_ids}) > 1
     n, c = len(archive), card.num_classes
     out = {rid: CamStats(list(archive.image_ids), np.zeros((n, c, tuning.BINS), np.int64),
                          np.zeros((n, c, tuning.BINS), np.int64), np.zeros((n, c), np.int64),
@@ -104,17 +108,23 @@ def oof_map_stats(archive: Archive, folds: dict[str, int], predictor: Predictor,
         for s in range(0, len(idx), batch_size):
             rows = idx[s : s + batch_size]
             ids = [archive.image_ids[i] for i in rows]
-            imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size))
-            truth = torch.from_numpy(np.stack([archive.masks(i, shape) for i in ids])).to(dev)
+            imgs = preprocess.load_images([archive.image_url(i) for i in ids], tuple(card.input_size),
+                                          channels=card.channels)
+            # an archive may mix image sizes: each image is scored at its own
+            shapes = [tuple(archive.image_shape(i)) for i in ids] if sizes_vary else [tuple(shape)] * len(ids)
+            truths = [torch.from_numpy(archive.masks(i, sh)).to(dev) for i, sh in zip(ids, shapes)]
             maps, scores = raw.maps(imgs, fold=k)  # at the input size
-            grey, cache = raw.grey(imgs), {}
+            pixels, cache = raw.pixels(imgs), {}
             for rid, refine in refines.items():
-                m = refine_maps(maps, grey, refine, cache)
-                if tuple(m.shape[-2:]) != tuple(shape):
-                    m = F.interpolate(m, size=tuple(shape), mode="bilinear", align_corners=False)
+                m = refine_maps(maps, pixels, refine, cache)
                 st = out[rid]
-                st.h_all[rows], st.h_in[rows] = tuning.cam_histograms(m, truth)
-                st.true_area[rows] = truth.sum(dim=(-2, -1)).cpu().numpy()
+                for j, (row, sh, truth) in enumerate(zip(rows, shapes, truths)):
+                    mj = m[j : j + 1]
+                    if tuple(mj.shape[-2:]) != sh:
+                        mj = F.interpolate(mj, size=sh, mode="bilinear", align_corners=False)
+                    h_all, h_in = tuning.cam_histograms(mj, truth[None])
+                    st.h_all[row], st.h_in[row] = h_all[0], h_in[0]
+                    st.true_area[row] = truth.sum(dim=(-2, -1)).cpu().numpy()
                 st.probs[rows] = scores.cpu().numpy()
         _log.info(f"  {what}: fold {k} done, "
                   f"{(sum(folds[i] <= k for i in archive.image_ids)) / (time.perf_counter() - t0):.1f} images/s")
@@ -208,7 +218,7 @@ def score_cams(model_url: str, truth_url: str, *, objective: str = "kaggle", bat
         labels[f"{vid}/tuned-per-class"] = f"{variants[vid][0]}, tuned on true masks (per class)"
     rows = scored_rows(pair, labels, final.true_area, final.image_area, final.probs >= 0.5)
     n_def = int((final.true_area.sum(axis=1) > 0).sum())
-    table = rows.format([f"class {i + 1}" for i in range(final.true_area.shape[1])],
+    table = rows.format(list(archive.class_names),
                         f"CAM pseudo-masks, out of fold, {len(archive)} images of which {n_def} defective (paper's Table 2)")
     gp, cp = tuned.global_pp, tuned.per_class_pp
     table += (f"\ntuned on these OOF maps for the {objective} mean: global confidence {gp.confidence}, threshold "

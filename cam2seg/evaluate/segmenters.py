@@ -188,7 +188,7 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
     for rid, label, scores in extra:
         rows[rid], rows.labels[rid] = scores, label
     n_def = int((true_area.sum(axis=1) > 0).sum())
-    table = rows.format([f"class {c}" for c in archive.class_ids],
+    table = rows.format(list(archive.class_names),
                         f"Pseudo-masks and segmenters, out-of-fold, {n_def} defective images (paper's Table 3)")
     if accepted is not None:
         notes.append("baseline 'whole image if accepted': classes whose segmenter map maximum is >= 0.5")

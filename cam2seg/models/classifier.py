@@ -34,10 +34,12 @@ class PaperHead(nn.Module):
 
 
 class Classifier(nn.Module):
-    """timm encoder + :class:`PaperHead`. Input ``float[B, 3, H, W]`` normalised; output logits."""
+    """timm encoder + :class:`PaperHead`. Input ``float[B, in_chans, H, W]`` normalised (1: grey,
+    3: RGB); output logits ``float[B, C]``."""
 
     def __init__(self, encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
-                 dropout: float = 0.3, pretrained: bool = False, output_stride: int = 32, pool: str = "avg"):
+                 dropout: float = 0.3, pretrained: bool = False, output_stride: int = 32, pool: str = "avg",
+                 in_chans: int = 3):
         super().__init__()
         # num_classes=0: timm keeps its global pooling and drops its own classifier.
         # output_stride < 32 dilates the last stages instead of striding them: same weights,
@@ -46,7 +48,9 @@ class Classifier(nn.Module):
         try:
             # pool: timm's global pooling by name. "max"/"avgmax" let a small defect drive its
             # logit instead of being averaged away over a mostly clean strip.
-            self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0, global_pool=pool, **extra)
+            # in_chans: timm builds the stem for it (and sums a pretrained 3-channel stem into 1 channel)
+            self.encoder = timm.create_model(encoder, pretrained=pretrained, num_classes=0, global_pool=pool,
+                                             in_chans=in_chans, **extra)
         except TypeError as e:
             if not extra:
                 raise
@@ -57,13 +61,14 @@ class Classifier(nn.Module):
         pooled = getattr(self.encoder, "head_hidden_size", None) or self.encoder.num_features
         self.head = PaperHead(pooled, hidden, num_classes, dropout)
         self.num_classes = num_classes
+        self.in_chans = in_chans
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``float[B, 3, H, W]`` -> ``float[B, F, h, w]`` (the last activation before pooling)."""
+        """``float[B, in_chans, H, W]`` -> ``float[B, F, h, w]`` (the last activation before pooling)."""
         return self.encoder.forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``float[B, 3, H, W]`` -> (``forward_features(x)``, the outputs of the encoder stages
+        """``float[B, in_chans, H, W]`` -> (``forward_features(x)``, the outputs of the encoder stages
         ``indices`` (timm ``feature_info`` order, ``float[B, F_i, h_i, w_i]``)), in one pass."""
         return self.encoder.forward_intermediates(x, indices=indices)
 
@@ -77,16 +82,31 @@ class Classifier(nn.Module):
 
 
 def load_encoder_weights(encoder: nn.Module, url: str) -> int:
-    """Load a safetensors file (local or s3) into a timm encoder; returns tensors loaded.
+    """Load a safetensors file (local or s3) into a timm or smp encoder; returns tensors loaded.
 
-    Keys the encoder lacks (a classifier, say) are ignored; a file that fits less than half
-    of the encoder is refused, since it is almost certainly another architecture.
+    Keys the encoder lacks (a classifier, say) are ignored. A stem convolution whose input
+    channels differ (3-channel ImageNet weights into a 1-channel grey encoder, or the reverse)
+    is adapted: timm's ``adapt_input_conv`` (3 summed into 1, as timm does when it loads its own
+    pretrained weights), or one channel spread evenly over three. A file that fits less than
+    half of the encoder is refused, since it is almost certainly another architecture.
     """
     from safetensors.torch import load as st_load
+    from timm.models import adapt_input_conv
 
     state = st_load(io.read_bytes(url))
     own = encoder.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fitting = {}
+    for k, v in state.items():
+        if k not in own:
+            continue
+        mine = own[k]
+        if mine.shape == v.shape:
+            fitting[k] = v
+        elif v.ndim == 4 and mine.ndim == 4 and mine.shape[0] == v.shape[0] and mine.shape[2:] == v.shape[2:]:
+            if v.shape[1] == 1:  # timm adapts from 3 channels only: spread one over all, same response to grey
+                fitting[k] = v.repeat(1, mine.shape[1], 1, 1) / mine.shape[1]
+            else:
+                fitting[k] = adapt_input_conv(mine.shape[1], v)
     if len(fitting) < len(own) / 2:
         raise ValueError(
             f"pretrained weights {url} fit {len(fitting)} of the encoder's {len(own)} tensors: "
@@ -98,16 +118,19 @@ def load_encoder_weights(encoder: nn.Module, url: str) -> int:
 
 def create_classifier(encoder: str = "efficientnet_b0", num_classes: int = 4, hidden: int = 256,
                       dropout: float = 0.3, pretrained: bool | str = False, output_stride: int = 32,
-                      pool: str = "avg") -> Classifier:
-    """Build a classifier; ``pretrained``: False, True (timm hub download) or a safetensors URL."""
+                      pool: str = "avg", in_chans: int = 3) -> Classifier:
+    """Build a classifier; ``pretrained``: False, True (timm hub download) or a safetensors URL;
+    ``in_chans``: 1 (grey) or 3 (RGB) input channels."""
     if encoder not in timm.list_models() and not timm.is_model(encoder):
         raise ValueError(f"unknown timm model {encoder!r}")
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if num_classes < 1:
+        raise ValueError(f"a classifier needs at least one class, got {num_classes}")
     model = Classifier(encoder, num_classes, hidden, dropout, pretrained=pretrained is True, output_stride=output_stride,
-                       pool=pool)
+                       pool=pool, in_chans=in_chans)
     if isinstance(pretrained, str):
         load_encoder_weights(model.encoder, pretrained)
     return model
@@ -128,5 +151,5 @@ def load_fold_models(url: str, device="cpu", weights: str = "swa") -> tuple["Mod
         raise ValueError(f"weights must be swa or best-epoch, got {weights!r}")
     models = build_fold_models(url, card, states, lambda: Classifier(
         card.architecture, card.num_classes, card.head.hidden, card.head.dropout,
-        output_stride=card.head.output_stride, pool=card.head.pool), device)
+        output_stride=card.head.output_stride, pool=card.head.pool, in_chans=card.in_chans), device)
     return card, models

@@ -9,8 +9,9 @@ scores = each map's maximum) and returns a :class:`Predictor` with one contract 
 * ``masks(images, shapes)`` -> (masks, one ``bool[C, H_i, W_i]`` per image at its original size,
   scores ``float32[B, C]`` numpy), after the card's post-processing.
 
-``images`` are grey ``uint8[B, h, w]``; images not at the card's ``input_size`` are resized
-first (:func:`cam2seg.preprocess.prepare`). ``fold=k`` uses fold model ``k`` alone (out-of-fold
+``images`` are ``uint8[B, h, w]`` (grey) or ``uint8[B, h, w, 3]`` (RGB); they are converted to the
+channels the card's model reads and, when not at its ``input_size``, resized
+(:func:`cam2seg.preprocess.prepare`). ``fold=k`` uses fold model ``k`` alone (out-of-fold
 scoring); the default is the mean of all folds. The device is chosen once, by
 :func:`pick_device`, for the label job, evaluation and the report alike.
 """
@@ -68,22 +69,27 @@ class Predictor:
         return list(self.card.class_ids)
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        """``uint8[B, h, w]`` -> the normalised model input ``float32[B, 3, *input_size]``."""
-        size = tuple(self.card.input_size)
+        """``uint8[B, h, w(, 3)]`` -> the normalised model input ``float32[B, in_chans, *input_size]``."""
+        size, channels = tuple(self.card.input_size), self.card.channels
         images = np.asarray(images)
-        if images.ndim != 3:
-            raise ValueError(f"images must be grey uint8[B, h, w], got shape {images.shape}")
-        if tuple(images.shape[1:]) != size:
-            images = np.stack([preprocess.prepare(im, size) for im in images]) if len(images) else \
-                np.zeros((0, *size), np.uint8)
+        preprocess.channels_of(images)  # a clear error for anything but [B, h, w] or [B, h, w, 3]
+        want = size + ((3,) if channels == 3 else ())
+        if tuple(images.shape[1:]) != want:
+            images = np.stack([preprocess.prepare(im, size, channels) for im in images]) if len(images) else \
+                np.zeros((0, *want), np.uint8)
         return preprocess.to_input(images, self.card.mean, self.card.std, device=self.device)
 
-    def grey(self, images: np.ndarray) -> torch.Tensor:
-        """``uint8[B, h, w]`` -> what refinement sees: ``float32[B, 1, *input_size]`` in [0, 1]."""
-        return self._grey(self.inputs(images))
+    def pixels(self, images: np.ndarray) -> torch.Tensor:
+        """``uint8[B, h, w(, 3)]`` -> what refinement sees: ``float32[B, channels, *input_size]`` in [0, 1]
+        (1 channel for a grey model, the RGB image for a colour one)."""
+        return self._pixels(self.inputs(images))
 
-    def _grey(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1] * self.card.std[0] + self.card.mean[0]  # the model input, un-normalised
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        # the model input, un-normalised; a grey image replicated to 3 channels (old cards) is one channel
+        c = self.card.channels
+        m = torch.tensor(self.card.mean[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        s = torch.tensor(self.card.std[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        return x[:, :c] * s + m
 
     def maps(self, images: np.ndarray, out_size: tuple[int, int] | None = None,
              fold: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +101,7 @@ class Predictor:
         else:
             maps, scores = compute_cams(models, x, self.method, self.aug_smooth, fuse_strides=self.fuse_strides)
         if self.refine is not None and self.refine.steps:
-            maps = refine_maps(maps, self._grey(x), self.refine)
+            maps = refine_maps(maps, self._pixels(x), self.refine)
         if out_size is not None and tuple(out_size) != tuple(maps.shape[-2:]):
             maps = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=False)
         return maps, scores

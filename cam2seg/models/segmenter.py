@@ -1,5 +1,5 @@
-"""Stage 3's model: a segmentation-models-pytorch network (U-Net by default) with four sigmoid
-channels (its loss is :mod:`cam2seg.models.losses`).
+"""Stage 3's model: a segmentation-models-pytorch network (U-Net by default) with one sigmoid
+channel per class, reading grey (1) or RGB (3) inputs (its loss is :mod:`cam2seg.models.losses`).
 
 smp networks need both input sides divisible by 32; :class:`Segmenter` pads the input by
 reflection and crops the logits back, so any image size works and masks keep the size the
@@ -17,10 +17,10 @@ __all__ = ["Segmenter", "create_segmenter", "load_segmenters", "predict_maps"]
 
 
 class Segmenter(nn.Module):
-    """``float[B, 3, H, W]`` normalised -> logits ``float[B, C, H, W]`` (any H, W)."""
+    """``float[B, in_channels, H, W]`` normalised -> logits ``float[B, C, H, W]`` (any H, W)."""
 
     def __init__(self, architecture: str = "Unet", encoder: str = "efficientnet-b0", num_classes: int = 4,
-                 decoder_channels: tuple[int, ...] | None = None):
+                 decoder_channels: tuple[int, ...] | None = None, in_channels: int = 3):
         super().__init__()
         import segmentation_models_pytorch as smp
 
@@ -28,7 +28,7 @@ class Segmenter(nn.Module):
         # about 3x faster on a CPU, where the full-resolution decoder stages dominate.
         extra = {} if decoder_channels is None else {"decoder_channels": tuple(decoder_channels)}
         try:
-            self.net = smp.create_model(architecture, encoder_name=encoder, encoder_weights=None, in_channels=3,
+            self.net = smp.create_model(architecture, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
                                         classes=num_classes, **extra)
         except TypeError as e:
             raise ValueError(f"{architecture} does not take decoder_channels={decoder_channels}: {e}") from None
@@ -49,11 +49,13 @@ class Segmenter(nn.Module):
 
 
 def create_segmenter(architecture: str = "Unet", encoder: str = "efficientnet-b0", num_classes: int = 4,
-                     encoder_weights: str | None = None, decoder_channels: tuple[int, ...] | None = None) -> Segmenter:
-    """Build a segmenter; ``encoder_weights``: None or a safetensors URL for the encoder."""
+                     encoder_weights: str | None = None, decoder_channels: tuple[int, ...] | None = None,
+                     in_channels: int = 3) -> Segmenter:
+    """Build a segmenter; ``encoder_weights``: None or a safetensors URL for the encoder (a
+    3-channel stem is adapted to a 1-channel encoder); ``in_channels``: 1 (grey) or 3 (RGB)."""
     from .classifier import load_encoder_weights
 
-    model = Segmenter(architecture, encoder, num_classes, decoder_channels)
+    model = Segmenter(architecture, encoder, num_classes, decoder_channels, in_channels)
     if encoder_weights:
         load_encoder_weights(model.net.encoder, encoder_weights)
     return model
@@ -66,13 +68,14 @@ def load_segmenters(url: str, device="cpu") -> tuple["ModelCard", list[Segmenter
     card, states = load_artifact(url, kind="segmenter")
     models = build_fold_models(url, card, states, lambda: Segmenter(card.head.architecture,
                                                                     card.architecture, card.num_classes,
-                                                                    card.head.decoder_channels), device)
+                                                                    card.head.decoder_channels, card.in_chans),
+                                device)
     return card, models
 
 
 @torch.no_grad()
 def predict_maps(models, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean sigmoid of one model or a fold ensemble over ``x float[B, 3, h, w]``.
+    """Mean sigmoid of one model or a fold ensemble over ``x float[B, in_channels, h, w]``.
 
     Returns (maps ``float[B, C, H, W]`` in [0, 1] at ``out_size`` (default h, w), scores
     ``float[B, C]`` = each map's maximum at the model's size, used as the class score).

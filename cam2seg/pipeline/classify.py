@@ -16,14 +16,13 @@ import time
 
 import numpy as np
 
-from .. import __version__, io, metrics
+from .. import __version__, io, metrics, preprocess
 from ..train import state
 from ..archive import Archive
 from ..artifact import ModelCard, write_artifact
 from ..models.classifier import create_classifier
 from ..postprocess import card_default
 from ..config import ClassifierConfig
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..folds import make_folds
 from ..train import manifest
 from ..train.classifier_task import OOF_FILE
@@ -36,13 +35,24 @@ _log = logging.getLogger(__name__)
 
 
 
-def run_key(cfg: ClassifierConfig, archive: Archive) -> str:
-    """A hash of what determines the trained weights: config, image ids and labels."""
+def run_key(cfg: ClassifierConfig, archive: Archive, channels: int = 1) -> str:
+    """A hash of what determines the trained weights: config, image ids, labels, class names and
+    the image channels."""
     h = hashlib.sha256()
     h.update(json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_ONLY), sort_keys=True).encode())
     h.update("\n".join(archive.image_ids).encode())
     h.update(archive.labels.tobytes())
+    h.update(json.dumps([list(archive.class_names), channels]).encode())
     return h.hexdigest()[:12]
+
+
+def _warn_empty_classes(archive: Archive) -> None:
+    """A class without a positive image cannot be learned: say so before training (its ROC-AUC
+    is then undefined, recorded as null in the card)."""
+    empty = [name for name, k in zip(archive.class_names, archive.labels.sum(0)) if k == 0]
+    if empty:
+        _log.warning(f"warning: no image of {archive.source} has class(es) {', '.join(empty)}: the model cannot "
+                     "learn them (their ROC-AUC is undefined)")
 
 
 def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: bool = False) -> ModelCard:
@@ -51,13 +61,15 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     out = io.absolute(out)
     t0 = time.perf_counter()
     archive = Archive.open(data_url)
-    archive.check_images()  # a non-image or an escaping symlink fails here, before any training
+    sizes = archive.check_images()  # a non-image or an escaping symlink fails here, before any training
     n, c = archive.labels.shape
     if n < 2 * cfg.folds:
         raise ValueError(f"{n} images are too few for {cfg.folds} folds")
+    channels = preprocess.detect_channels([archive.image_url(i) for i in archive.image_ids], cfg.channels)
     # Fail here, not in every fold's worker: the encoder must exist and take the stride.
-    create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride, cfg.pool)
-    key = run_key(cfg, archive)
+    create_classifier(cfg.encoder, c, cfg.hidden, cfg.dropout, False, cfg.output_stride, cfg.pool, in_chans=channels)
+    _warn_empty_classes(archive)
+    key = run_key(cfg, archive, channels)
     card = trained_card(out, key, force)
     if card is not None:
         return card
@@ -65,15 +77,20 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
     work = io.join(out, "_train", key)
     table = manifest.manifest_table(archive.image_ids, [archive.image_url(i) for i in archive.image_ids], folds,
                                     archive.labels)
-    fit_folds("classifier", cfg, table, work, cfg.folds, extra={"num_classes": c}, staged=(SWA_FILE, OOF_FILE),
-              what=f"folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}", t0=t0)
-    card = _assemble(out, work, archive, folds, cfg, key)
+    fit_folds("classifier", cfg, table, work, cfg.folds, extra={"num_classes": c, "channels": channels},
+              staged=(SWA_FILE, OOF_FILE),
+              what=f"folds of {cfg.encoder} at {cfg.size[0]}x{cfg.size[1]}, {'RGB' if channels == 3 else 'grey'}"
+              f"{' (detected)' if cfg.channels == 'auto' else ''}, for {c} class(es) ("
+              + ", ".join(f"{name}: {int(k)} images" for name, k in zip(archive.class_names, archive.labels.sum(0)))
+              + ")", t0=t0)
+    card = _assemble(out, work, archive, folds, cfg, key, channels, sizes)
     drop_checkpoints(out, cfg)
     _log.info(f"wrote {out} (version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card
 
 
-def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierConfig, key: str) -> ModelCard:
+def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierConfig, key: str,
+              channels: int = 1, sizes: set | None = None) -> ModelCard:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,7 +117,7 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
     if np.isnan(probs).any():
         raise RuntimeError(f"{int(np.isnan(probs).any(axis=1).sum())} images got no out-of-fold prediction")
     auc = metrics.roc_auc(archive.labels, probs)
-    names = [f"class {cid}" for cid in archive.class_ids]
+    names = list(archive.class_names)
     _log.info("\n" + metrics.format_auc_table({f"{cfg.encoder} (OOF, {cfg.folds} folds)": auc}, names,
                                               title="ROC-AUC per class on the out-of-fold union (paper's Table 1)"))
 
@@ -116,10 +133,11 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
         architecture=cfg.encoder,
         num_classes=c,
         class_ids=archive.class_ids,
+        class_names=list(archive.class_names),
         input_size=cfg.size,
-        grayscale=True,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        grayscale=channels == 1,
+        mean=preprocess.normalisation(channels)[0],
+        std=preprocess.normalisation(channels)[1],
         head={"hidden": cfg.hidden, "dropout": cfg.dropout, "output_stride": cfg.output_stride, "pool": cfg.pool},
         folds=cfg.folds,
         fold_files=[],
@@ -129,7 +147,9 @@ def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierCon
                  "oof_auc_mean": float(np.nanmean(auc)), "folds": fold_info},
         training={"run_key": key, "config": cfg.model_dump(mode="json"), "cam2seg_version": __version__},
         data={"archive": archive.root, "source": archive.source, "images": n,
-              "image_size": list(archive.image_shape(archive.image_ids[0])),
+              # the one size every image had, or None when they differ (the label job then takes any size)
+              "image_size": list(next(iter(sizes))) if sizes and len(sizes) == 1 else None,
+              "image_sizes": len(sizes) if sizes else None,
               "images_per_class": {str(cid): int(s) for cid, s in zip(archive.class_ids, archive.labels.sum(0))}},
     )
     return write_artifact(out, card, states, extra={"oof.parquet": buf.getvalue(),

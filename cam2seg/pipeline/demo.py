@@ -122,7 +122,7 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
                f"{cfg.classifier.size[0]}x{cfg.classifier.size[1]}, {cfg.classifier.epochs} epochs) on Ray Train")
     card = train_classifiers(p["archive"], p["classifier"], cfg.classifier)
     res.auc = {k: float(v) for k, v in card.metrics["oof_auc"].items()}
-    _say("out-of-fold ROC-AUC per class: " + ", ".join(f"class {k}: {v:.3f}" for k, v in res.auc.items()))
+    _say("out-of-fold ROC-AUC per class: " + ", ".join(f"{n}: {v:.3f}" for n, v in zip(card.names, res.auc.values())))
     res.seconds["classifiers"] = time.perf_counter() - t
 
     t = _stage(3, total, "CAM pseudo-masks out of fold, post-processing tuned (the paper's Table 2)")

@@ -3,7 +3,8 @@
 One chain, as in Ray's batch-inference examples::
 
     image keys (driver: the key list only)
-      -> read_batch        CPU tasks: download, decode, grey, resize; bad files become error rows
+      -> read_batch        CPU tasks: download, decode, to the model's channels (grey or RGB),
+                           resize; bad files become error rows
       -> Labeler           actor pool (GPU if present): fold ensemble, fast CAM engine (or, for a
                            segmenter artifact, its probability maps), the card's
                            post-processing, Kaggle RLE (on the actor's CPU: full-size masks cost more
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 import torch
 
 from .. import preprocess, io, rle, store
+from ..classes import check_same
 from ..config import LabelConfig, parse_size
 from ..refine import Refine
 from ..models.predict import Predictor, load_predictor
@@ -39,13 +41,14 @@ _log = logging.getLogger(__name__)
 
 
 def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None, *, prefix: str | None = None,
-               max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple, str]:
-    """(``uint8[h, w]`` grey at the model's ``size``, original (H, W), error or "").
+               max_pixels: int | None = io.DEFAULT_MAX_PIXELS, channels: int = 1) -> tuple[np.ndarray, tuple, str]:
+    """(``uint8[h, w]`` grey or ``uint8[h, w, 3]`` RGB (``channels``) at the model's ``size``,
+    original (H, W), error or "").
 
     Never raises for a bad file: every failure (unreadable, undecodable, over ``max_pixels``,
     a local symlink resolving outside ``prefix``, a resize that fails) is the error string.
     """
-    blank = np.zeros(size, np.uint8)
+    blank = np.zeros(tuple(size) + ((3,) if channels == 3 else ()), np.uint8)
     try:
         if prefix is not None and io.outside_prefix(url, prefix):
             return blank, (0, 0), "resolves outside the image prefix (symlink); refused"
@@ -64,7 +67,7 @@ def read_image(url: str, size: tuple[int, int], expect: tuple[int, int] | None, 
     if min(shape) < 2 or max(shape) > 32767:
         return blank, shape, f"unsupported size {shape[0]}x{shape[1]}"
     try:
-        return preprocess.prepare(img, size), shape, ""
+        return preprocess.prepare(img, size, channels), shape, ""
     except Exception as e:  # noqa: BLE001 -- e.g. cv2.error on an odd array
         return blank, shape, f"preprocessing failed: {type(e).__name__}: {e}"
 
@@ -74,7 +77,7 @@ def label_images(predictor: Predictor, images: np.ndarray, shapes, gates: np.nda
     :class:`~cam2seg.models.predict.Predictor`: CAM pseudo-masks of a classifier ensemble, or a
     segmenter ensemble's masks (score = a map's maximum), after the card's post-processing.
 
-    ``images`` ``uint8[B, h, w]`` at the card's input size; ``shapes`` the originals' (H, W);
+    ``images`` ``uint8[B, h, w(, 3)]`` at the card's input size and channels; ``shapes`` the originals' (H, W);
     ``gates`` ``int8[B, C]`` from image-level labels (1 present, 0 absent: always an empty mask,
     -1 unknown: the card's confidence decides). Returns columns image-major, class-minor:
     class_id, encoded_pixels, score, area, height, width (image ids are added by the caller).
@@ -92,11 +95,12 @@ def label_images(predictor: Predictor, images: np.ndarray, shapes, gates: np.nda
     return cols
 
 
-def label_gates(labels_url: str, class_ids: list[int]) -> dict[str, np.ndarray]:
+def label_gates(labels_url: str, class_names: list[str]) -> dict[str, np.ndarray]:
     """Image id -> ``int8[C]`` gate (1 present, 0 absent) from image-level labels: an archive
     folder (its ``train.csv`` or ``labels.csv``; with a long ``train.csv`` the images under
     ``train_images/`` that it does not list are clean) or a labels CSV alone (then only the
-    images it lists are known). Images it does not know are left to the classifier's gate."""
+    images it lists are known). Images it does not know are left to the classifier's gate. The
+    labels' classes must be ``class_names`` (the model's), in order."""
     from ..archive import IMAGES_DIR, Archive, ArchiveError
 
     url = io.absolute(str(labels_url).rstrip("/"))
@@ -104,8 +108,7 @@ def label_gates(labels_url: str, class_ids: list[int]) -> dict[str, np.ndarray]:
     has_images = io.exists(io.join(root, IMAGES_DIR))
     # bad image files are the labeling job's to report (error rows), not a reason to refuse the labels
     archive = Archive.open(url, check_images=has_images, strict_images=False)
-    if list(archive.class_ids) != list(class_ids):
-        raise ArchiveError(f"labels {archive.source} have classes {archive.class_ids}, the model {class_ids}")
+    check_same(archive.class_names, f"labels {archive.source}", class_names, "the model")
     return {iid: archive.labels[i].astype(np.int8) for i, iid in enumerate(archive.image_ids)}
 
 
@@ -123,16 +126,18 @@ def _expected_size(cfg: LabelConfig, card) -> tuple[int, int] | None:
 
 
 def read_batch(batch: dict, prefix: str, size: tuple[int, int], expect, threads: int,
-               max_pixels: int | None = io.DEFAULT_MAX_PIXELS) -> dict:
+               max_pixels: int | None = io.DEFAULT_MAX_PIXELS, channels: int = 1) -> dict:
     """Ray Data task: ``{"image_id"}`` -> images, original sizes and errors (bad files, images over
     ``max_pixels`` and symlinks resolving outside ``prefix`` become error rows)."""
     ids = [str(i) for i in batch["image_id"]]
     urls = [io.join(prefix, i) for i in ids]
     with ThreadPoolExecutor(max(1, min(threads, len(ids)))) as pool:
-        res = list(pool.map(lambda u: read_image(u, size, expect, prefix=prefix, max_pixels=max_pixels), urls))
+        res = list(pool.map(lambda u: read_image(u, size, expect, prefix=prefix, max_pixels=max_pixels,
+                                                 channels=channels), urls))
     out = {
         "image_id": np.array(ids, dtype=object), "uri": np.array(urls, dtype=object),
-        "image": np.stack([r[0] for r in res]) if res else np.zeros((0, *size), np.uint8),
+        "image": np.stack([r[0] for r in res]) if res else
+        np.zeros((0, *size) + ((3,) if channels == 3 else ()), np.uint8),
         "height": np.array([r[1][0] for r in res], np.int32), "width": np.array([r[1][1] for r in res], np.int32),
         "error": np.array([r[2] for r in res], dtype=object),
     }
@@ -213,7 +218,7 @@ class LabelSummary(dict):
     """What a run did; ``str()`` is the summary the command prints."""
 
     def __str__(self) -> str:
-        pos = ", ".join(f"class {k}: {v}" for k, v in self["positives"].items())
+        pos = ", ".join(f"{k}: {v}" for k, v in self["positives"].items())
         return (f"run {self['run_id']} committed to {self['store']}\n"
                 f"  images listed under {self['images']}: {self['listed']}; already labeled by "
                 f"{'any model' if self.get('new_only') else 'model ' + self['model_version']}: {self['skipped']}; "
@@ -245,7 +250,8 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     keys = io.list_images(images)
     if not keys:
         raise FileNotFoundError(f"no images under {images} (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
-    gates = label_gates(labels, card.class_ids) if labels else None
+    gates = label_gates(labels, card.names) if labels else None
+    store.check_classes(store_url, card.names, f"model {model_url}")
     run_id = store.new_run_id()
     t0 = time.perf_counter()
     marker = store.RunMarker(run_id=run_id, model=model_url, model_kind=card.kind, model_version=card.version,
@@ -253,7 +259,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
                              incremental="new-only" if new_only else incremental,
                              # the refinement in force, the card's when the config names none
                              config={**cfg.model_dump(mode="json"), "refine": _dump(cfg.refine or card.postprocess.refine)},
-                             labels=io.absolute(labels) if labels else None,
+                             labels=io.absolute(labels) if labels else None, class_names=card.names,
                              label_gated=sum(k in gates for k in keys) if gates else 0)
     if gates is not None:
         _log.info(f"image-level labels {labels} gate {marker.label_gated} of the {len(keys)} images; the rest "
@@ -289,7 +295,7 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
                         to_do=len(todo), labeled=marker.labeled, errors=marker.errors,
                         model_version=card.version, new_only=new_only, seconds=seconds,
                         images_per_s=len(todo) / seconds if seconds > 0 else 0.0,
-                        positives={cid: int(p) for cid, p in zip(card.class_ids, positives)})
+                        positives={name: int(p) for name, p in zip(card.names, positives)})
 
 
 def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str, run_id: str, card,
@@ -314,7 +320,8 @@ def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str,
         # into the actors), so downloads overlap the CAMs
         .map_batches(read_batch, batch_size=cfg.read_batch, num_cpus=cfg.read_cpus,
                      fn_kwargs={"prefix": images, "size": tuple(card.input_size), "expect": _expected_size(cfg, card),
-                                "threads": cfg.read_threads, "max_pixels": cfg.max_pixels})
+                                "threads": cfg.read_threads, "max_pixels": cfg.max_pixels,
+                                "channels": card.channels})
         .map_batches(Labeler, batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=actors),
                      fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,

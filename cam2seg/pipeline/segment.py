@@ -28,12 +28,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__, io, store
+from .. import __version__, io, preprocess, store
 from ..train import state
 from ..archive import Archive
 from ..artifact import ModelCard, write_artifact
 from ..config import SegmenterConfig
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..train import manifest
 from ..train.fold_runner import config_digest, done_url, drop_checkpoints, fit_folds, trained_card
 from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
@@ -85,11 +84,14 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     if true_masks and masks == "truth":
         raise ValueError("--true-masks mixes true masks into pseudo-masks: give a label store as --masks "
                          "(with --masks truth every image already trains on its true mask)")
+    channels = preprocess.detect_channels([archive.image_url(i) for i in archive.image_ids], cfg.channels)
     # an unknown architecture or encoder fails here, once
-    create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels)
+    create_segmenter(cfg.architecture, cfg.encoder, c, decoder_channels=cfg.decoder_channels, in_channels=channels)
     # the runs are read once: the run key and the manifest's strings come from the same runs,
     # also while a labeling job commits more
     runs = None if masks == "truth" else store.committed_runs(masks)
+    if runs is not None:
+        store.check_classes(masks, list(archive.class_names), f"archive {archive.source}", runs)
     rows, source = mask_keys(archive, masks, runs)
     true = tm = None
     if true_masks:
@@ -114,15 +116,16 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     refine = masks != "truth"
     table = manifest.manifest_table(ids, [archive.image_url(i) for i in ids], folds, labels, None, shapes,
                                     true=true, repeat=cfg.true_mask_weight)
-    key = _run_key(cfg, table, masks_digest(archive, masks, runs, tm))
+    key = _run_key(cfg, table, masks_digest(archive, masks, runs, tm) + f"|{list(archive.class_names)}|{channels}")
     card = trained_card(out, key, force)
     if card is not None:
         return card
     work = io.join(out, "_train", key)
     what = "true masks" if not refine else f"pseudo-masks of {masks}" + (" and true masks" if true is not None else "")
     fit_folds("segmenter", cfg, table, work, k_folds, staged=(SWA_FILE,), t0=t0,
-              extra={"num_classes": c, "size": list(size), "refine": refine},
-              what=f"fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what} at {size[0]}x{size[1]}",
+              extra={"num_classes": c, "channels": channels, "size": list(size), "refine": refine},
+              what=f"fold segmenters ({cfg.architecture}, {cfg.encoder}) on {what} at {size[0]}x{size[1]}, "
+              f"{'RGB' if channels == 3 else 'grey'}, for {c} class(es) ({', '.join(archive.class_names)})",
               fill=FoldMasks(archive, masks, runs, table, tm))
 
     states, fold_info = [], []
@@ -133,8 +136,9 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
         fold_info.append({key_: final.get(key_) for key_ in ("fold", "workers", "swa_epochs", "val_loss", "history",
                                                              "ignored_fraction", *RUN_FIELDS)})
     card = ModelCard(
-        kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids, input_size=size,
-        grayscale=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        kind="segmenter", architecture=cfg.encoder, num_classes=c, class_ids=archive.class_ids,
+        class_names=list(archive.class_names), input_size=size,
+        grayscale=channels == 1, mean=preprocess.normalisation(channels)[0], std=preprocess.normalisation(channels)[1],
         head={"architecture": cfg.architecture, "decoder_channels": cfg.decoder_channels},
         folds=k_folds, fold_files=[], postprocess=card_default("segmenter"),
         metrics={"folds": fold_info, "val_loss_mean": float(np.mean([f["val_loss"] for f in fold_info]))},

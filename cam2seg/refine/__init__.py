@@ -1,7 +1,8 @@
 """Refining maps on the image before the threshold: a plain dict registry of steps.
 
-Each step takes maps ``float[B, C, H, W]`` in [0, 1] and the grey images ``float[B, 1, H, W]``
-they were computed from (same H, W), and returns refined maps of the same shape in [0, 1];
+Each step takes maps ``float[B, C, H, W]`` in [0, 1] and the images ``float[B, 1, H, W]`` (grey)
+or ``float[B, 3, H, W]`` (RGB) they were computed from (same H, W), and returns refined maps of
+the same shape in [0, 1];
 every image is refined on its own pixels only, so batching never changes a mask.
 
 * ``contrast`` (:mod:`cam2seg.refine.contrast`): keep the part of the map where the image

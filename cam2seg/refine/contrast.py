@@ -10,7 +10,9 @@ square root keeps a defect's pixels alive where the coarse map is only lukewarm.
 
 The median is taken on the image shrunk so that the window spans about 15 pixels, then
 resized back: the background is smooth, and this keeps the cost at a few thousand values per
-pixel at most, in torch on the actor's device. Every statistic is per image.
+pixel at most, in torch on the actor's device. Every statistic is per image. A colour image is gated
+per channel, and a pixel opens where any channel stands out (a defect may change hue, not
+brightness).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ _MAD_TO_SIGMA = 1.4826
 
 
 def background(image: torch.Tensor, window: float) -> torch.Tensor:
-    """Median background ``float[B, 1, H, W]`` of grey ``image`` ``float[B, 1, H, W]``, the
-    window ``window`` x H on a side (reflected at the borders)."""
-    b, _, h, w = image.shape
+    """Median background ``float[B, C, H, W]`` of ``image`` ``float[B, C, H, W]`` (each channel
+    on its own), the window ``window`` x H on a side (reflected at the borders)."""
+    b, c, h, w = image.shape
     side = max(3, int(round(window * h)))
     factor = max(1, side // _MEDIAN_SPAN)
     small = F.avg_pool2d(image, factor, ceil_mode=True) if factor > 1 else image
@@ -35,29 +37,30 @@ def background(image: torch.Tensor, window: float) -> torch.Tensor:
     pad = k // 2
     sh, sw = small.shape[-2:]
     mode = "reflect" if min(sh, sw) > pad else "replicate"
-    patches = F.unfold(F.pad(small, (pad, pad, pad, pad), mode=mode), k)  # [B, k*k, sh*sw]
-    med = patches.median(dim=1).values.reshape(b, 1, sh, sw)
+    patches = F.unfold(F.pad(small, (pad, pad, pad, pad), mode=mode), k)  # [B, C*k*k, sh*sw]
+    med = patches.reshape(b, c, k * k, sh * sw).median(dim=2).values.reshape(b, c, sh, sw)
     return F.interpolate(med, size=(h, w), mode="bilinear", align_corners=False) if factor > 1 else med
 
 
 def gate(image: torch.Tensor, window: float, z_low: float, z_high: float) -> torch.Tensor:
-    """The gate ``float32[B, 1, H, W]`` in [0, 1]: 0 up to ``z_low`` robust sigmas from the
-    background, 1 from ``z_high``, linear between."""
+    """The gate ``float32[B, 1, H, W]`` in [0, 1] of ``image`` ``float[B, C, H, W]``: 0 up to
+    ``z_low`` robust sigmas from the background, 1 from ``z_high``, linear between (per channel,
+    then the largest over channels)."""
     image = image.float()
     dev = (image - background(image, window)).abs()
-    sigma = _MAD_TO_SIGMA * dev.flatten(1).median(dim=1).values.clamp(min=1e-6)
-    z = dev / sigma[:, None, None, None]
+    sigma = _MAD_TO_SIGMA * dev.flatten(2).median(dim=2).values.clamp(min=1e-6)  # [B, C]
+    z = (dev / sigma[:, :, None, None]).amax(dim=1, keepdim=True)
     return ((z - z_low) / (z_high - z_low)).clamp_(0, 1)
 
 
 def contrast(maps: torch.Tensor, image: torch.Tensor, window: float = 0.8, z_low: float = 2.5,
              z_high: float = 6.0, cam_power: float = 0.5, cache: dict | None = None) -> torch.Tensor:
-    """``maps`` ``float[B, C, H, W]`` in [0, 1] gated by how far each pixel of grey ``image``
-    ``float[B, 1, H, W]`` (same H, W, any scale) stands out from its background; returns
+    """``maps`` ``float[B, C, H, W]`` in [0, 1] gated by how far each pixel of ``image``
+    ``float[B, 1 or 3, H, W]`` (grey or RGB; same H, W, any scale) stands out from its background; returns
     ``float32[B, C, H, W]`` in [0, 1]. ``cache``: a dict for these images only, where the gate
     is kept for the next call with the same setting."""
-    if maps.ndim != 4 or image.ndim != 4 or image.shape[1] != 1:
-        raise ValueError(f"maps must be [B, C, H, W] and image [B, 1, H, W], got {tuple(maps.shape)}, "
+    if maps.ndim != 4 or image.ndim != 4 or image.shape[1] not in (1, 3):
+        raise ValueError(f"maps must be [B, C, H, W] and image [B, 1 or 3, H, W], got {tuple(maps.shape)}, "
                          f"{tuple(image.shape)}")
     if maps.shape[0] != image.shape[0] or maps.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"maps {tuple(maps.shape)} and image {tuple(image.shape)} differ in batch or size")

@@ -13,7 +13,10 @@ Per pixel i and neighbour j (8 directions at each dilation d):
     affinity_ij = softmax_j( -(|I_j - I_i| / (w_intensity * std_j(I))) ** 2 )
                   + w_position * softmax_j( -(dist_ij / (w_intensity * std_j(dist))) ** 2 )
 
-normalised to sum 1 over j, then ``iterations`` times ``map_i <- sum_j affinity_ij map_j``.
+normalised to sum 1 over j, then ``iterations`` times ``map_i <- sum_j affinity_ij map_j``. For a
+colour image the intensity term averages the squared, per-channel scaled differences over the
+three channels, so an edge in hue stops the map as an edge in brightness does, and an image
+whose three channels are equal refines as its grey one.
 The position term is AFA's: a small pull towards near neighbours. Dilations stay small by
 default (1, 2, 4, 8) so that 1-2 pixel scratches are not averaged into the background.
 
@@ -47,12 +50,17 @@ def _shifts(x: torch.Tensor, dilations: Sequence[int], pad: int):
 def affinities(image: torch.Tensor, dilations: Sequence[int], w_intensity: float = 0.3,
                w_position: float = 0.01) -> torch.Tensor:
     """Neighbour weights ``float32[B, K, H, W]`` (K = 8 x len(dilations), summing to 1 over K)
-    of a grey ``image`` ``float[B, 1, H, W]``."""
+    of a grey ``image`` ``float[B, 1, H, W]`` or an RGB one ``float[B, 3, H, W]``."""
     pad = max(dilations)
-    neighbours = torch.cat(list(_shifts(image, dilations, pad)), dim=1)  # [B, K, H, W]
-    scale = neighbours.std(dim=1, keepdim=True).mul_(w_intensity).add_(1e-8)
-    # in place on the one [B, K, H, W] buffer (most of PAR's cost): 2x faster than fresh tensors
-    logits = neighbours.sub_(image).abs_().div_(scale).square_().neg_()
+    if image.shape[1] == 1:
+        neighbours = torch.cat(list(_shifts(image, dilations, pad)), dim=1)  # [B, K, H, W]
+        scale = neighbours.std(dim=1, keepdim=True).mul_(w_intensity).add_(1e-8)
+        # in place on the one [B, K, H, W] buffer (most of PAR's cost): 2x faster than fresh tensors
+        logits = neighbours.sub_(image).abs_().div_(scale).square_().neg_()
+    else:
+        neighbours = torch.stack(list(_shifts(image, dilations, pad)), dim=1)  # [B, K, 3, H, W]
+        scale = neighbours.std(dim=1, keepdim=True).mul_(w_intensity).add_(1e-8)
+        logits = neighbours.sub_(image[:, None]).div_(scale).square_().mean(dim=2).neg_()
     aff = torch.softmax(logits, dim=1)
     del neighbours, logits
     dist = torch.tensor([d * (dy * dy + dx * dx) ** 0.5 for d in dilations for dy, dx in OFFSETS],
@@ -64,14 +72,14 @@ def affinities(image: torch.Tensor, dilations: Sequence[int], w_intensity: float
 
 def par(maps: torch.Tensor, image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8), iterations: int = 10,
         w_intensity: float = 0.3, w_position: float = 0.01, cache: dict | None = None) -> torch.Tensor:
-    """Refine ``maps`` ``float[B, C, H, W]`` in [0, 1] on grey ``image`` ``float[B, 1, H, W]`` (any
+    """Refine ``maps`` ``float[B, C, H, W]`` in [0, 1] on ``image`` ``float[B, 1 or 3, H, W]`` (any
     scale: the affinities are scale-free) of the same H, W; returns ``float32[B, C, H, W]`` in [0, 1].
 
     Each output pixel is a convex combination of input map values, so the range is kept.
     ``cache``: a dict for these images only, where the affinities are kept for the next call
     with the same setting (several refinements of one batch compute them once)."""
-    if maps.ndim != 4 or image.ndim != 4 or image.shape[1] != 1:
-        raise ValueError(f"maps must be [B, C, H, W] and image [B, 1, H, W], got {tuple(maps.shape)}, "
+    if maps.ndim != 4 or image.ndim != 4 or image.shape[1] not in (1, 3):
+        raise ValueError(f"maps must be [B, C, H, W] and image [B, 1 or 3, H, W], got {tuple(maps.shape)}, "
                          f"{tuple(image.shape)}")
     if maps.shape[0] != image.shape[0] or maps.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"maps {tuple(maps.shape)} and image {tuple(image.shape)} differ in batch or size")

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import __version__, io, rle, store
+from ..classes import default_names
 
 __all__ = ["FORMATS", "ORDERS", "REQUIRED_COLUMNS", "mask_to_polygons", "mask_to_coco_rle", "mask_bbox",
            "mask_area", "mask_annotation", "image_confidence", "build_coco", "export_coco"]
@@ -188,8 +189,12 @@ def _check_options(fmt: str, order: str, limit) -> None:
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
-def _categories(class_ids: Sequence[int]) -> list[dict]:
+def _categories(class_ids: Sequence[int], class_names: Sequence[str] | None = None) -> list[dict]:
+    """COCO categories: one per class id, named by ``class_names`` (in ``class_ids`` order; None:
+    "class <id>")."""
     ids = [int(c) for c in class_ids]
+    if class_names is not None and len(class_names) != len(ids):
+        raise ValueError(f"{len(class_names)} class names for {len(ids)} class ids")
     if not ids:
         raise ValueError("class_ids is empty: COCO needs at least one category")
     if len(set(ids)) != len(ids):
@@ -197,7 +202,8 @@ def _categories(class_ids: Sequence[int]) -> list[dict]:
     if min(ids) < 1:
         # COCO category ids start at 1; CVAT's importer (Datumaro) reads id 0 as "no label".
         raise ValueError(f"class ids must be >= 1 for COCO, got {sorted(ids)}")
-    return [{"id": c, "name": f"class {c}", "supercategory": SUPERCATEGORY} for c in sorted(ids)]
+    names = dict(zip(ids, class_names if class_names is not None else default_names(ids)))
+    return [{"id": c, "name": names[c], "supercategory": SUPERCATEGORY} for c in sorted(ids)]
 
 
 def _group_images(rows: list[dict], known: set[int]) -> dict[str, list[dict]]:
@@ -221,12 +227,14 @@ def _group_images(rows: list[dict], known: set[int]) -> dict[str, list[dict]]:
 
 
 def build_coco(table: pa.Table, class_ids: Sequence[int], *, fmt: str = "polygon", order: str = "confidence",
-               limit: int | None = None, include_empty_images: bool = True, gate=0.5) -> dict:
+               limit: int | None = None, include_empty_images: bool = True, gate=0.5,
+               class_names: Sequence[str] | None = None) -> dict:
     """Label store rows -> a COCO instance-segmentation dict (pure: no I/O).
 
     ``table``: rows with at least :data:`REQUIRED_COLUMNS` (as :func:`cam2seg.store.read_masks`
     returns: one row per (image, class), empty masks included); ``model_version`` is listed
-    in ``info`` when present. ``class_ids``: the categories, a superset of the table's classes.
+    in ``info`` when present. ``class_ids``: the categories, a superset of the table's classes;
+    ``class_names``: their names in the same order (None: "class <id>").
     ``fmt``: "polygon" or "rle" (see the module docstring). ``order``: "confidence" (lowest
     :func:`image_confidence` first, ties by image_id) or "id" (by image_id). ``limit``: keep
     the first N images after ordering (None: all). ``include_empty_images``: also list
@@ -247,7 +255,7 @@ def build_coco(table: pa.Table, class_ids: Sequence[int], *, fmt: str = "polygon
     if missing:
         raise ValueError(f"table is missing required column(s): {', '.join(missing)} "
                          f"(needs {', '.join(REQUIRED_COLUMNS)})")
-    categories = _categories(class_ids)
+    categories = _categories(class_ids, class_names)
     cat_ids = [c["id"] for c in categories]
     g = np.asarray(gate, dtype=np.float64).reshape(-1)
     if g.size not in (1, len(cat_ids)):
@@ -328,7 +336,11 @@ def export_coco(store_url: str, out_url: str, *, fmt: str = "polygon", order: st
         raise store.StoreError(f"{store_url}: no committed masks to export (is this a label store, and has a "
                                "`cam2seg label` run committed into it?)")
     class_ids = sorted(set(table.column("class_id").to_pylist()))
-    coco = build_coco(table, class_ids, fmt=fmt, order=order, limit=limit)
+    names = store.committed_runs(store_url)[-1].names
+    if names is not None:  # every class of the newest run, named, also those without a mask
+        class_ids = sorted(set(class_ids) | set(range(1, len(names) + 1)))
+        names = [names[c - 1] if c <= len(names) else f"class {c}" for c in class_ids]
+    coco = build_coco(table, class_ids, fmt=fmt, order=order, limit=limit, class_names=names)
     coco["info"].update({"source": store_url, "date_created": store.now()})
     io.write_bytes(out_url, json.dumps(coco, separators=(",", ":")).encode())
     return {"images": len(coco["images"]), "annotations": len(coco["annotations"]), "out": out_url}

@@ -126,9 +126,12 @@ def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
     return _polygon_mask(seg, h, w)
 
 
-def _class_of_categories(doc: dict, class_ids, categories: Mapping | None) -> dict:
-    """COCO category id -> class id (or the reason it has none, for the error message)."""
+def _class_of_categories(doc: dict, class_ids, categories: Mapping | None, class_names=None) -> dict:
+    """COCO category id -> class id (or the reason it has none, for the error message). A
+    category matches a class by the user's mapping, by the class's name (``class_names``, in
+    ``class_ids`` order; case and surrounding blanks ignored) or by a name like "class 3"."""
     given = {str(k).strip(): int(v) for k, v in (categories or {}).items()}
+    by_name = {str(n).strip().casefold(): int(c) for c, n in zip(class_ids, class_names or [])}
     bad = sorted({v for v in given.values() if v not in class_ids})
     if bad:
         raise CocoError(f"category mapping names class(es) {bad}, not among {list(class_ids)}")
@@ -141,10 +144,13 @@ def _class_of_categories(doc: dict, class_ids, categories: Mapping | None) -> di
             out[cat["id"]] = given[name.strip()]
         elif str(cat["id"]) in given:
             out[cat["id"]] = given[str(cat["id"])]
+        elif name.strip().casefold() in by_name:
+            out[cat["id"]] = by_name[name.strip().casefold()]
         elif (m := _CLASS_NAME.match(name)) and int(m.group(1)) in class_ids:
             out[cat["id"]] = int(m.group(1))
         else:
-            out[cat["id"]] = f"category {cat['id']} ({name!r}) is not one of the classes {list(class_ids)}"
+            known = list(class_names) if class_names else list(class_ids)
+            out[cat["id"]] = f"category {cat['id']} ({name!r}) is not one of the classes {known}"
     return out
 
 
@@ -169,11 +175,12 @@ def _match_images(images, image_ids) -> dict[str, str]:
 
 
 def parse_coco(doc, image_ids, class_ids, shape_of: Callable[[str], tuple[int, int]] | None = None, *,
-               categories: Mapping | None = None, unannotated: str = "skip", source: str = "COCO file") -> dict:
+               categories: Mapping | None = None, unannotated: str = "skip", source: str = "COCO file",
+               class_names=None) -> dict:
     """A COCO dict -> ``{"masks": {image id: {class id: bool[H, W]}}, "clean": [image ids],
     "skipped": [image ids], "annotations": n}`` (pure: no I/O).
 
-    ``image_ids`` / ``class_ids``: the archive's; ``shape_of``: ImageId -> (height, width) of the
+    ``image_ids`` / ``class_ids`` / ``class_names``: the archive's; ``shape_of``: ImageId -> (height, width) of the
     archive's image, asked once per annotated image (None: trust the file's sizes). ``masks`` holds the non-empty masks of each
     annotated image; ``clean`` the reviewed images without any annotation (see the module
     docstring); ``skipped`` the unannotated images left out.
@@ -184,7 +191,7 @@ def parse_coco(doc, image_ids, class_ids, shape_of: Callable[[str], tuple[int, i
             or not isinstance(doc.get("annotations", []), list):
         raise CocoError(f"{source}: not a COCO instance file (needs an 'images' list and an 'annotations' list)")
     class_ids = [int(c) for c in class_ids]
-    cats = _class_of_categories(doc, class_ids, categories)
+    cats = _class_of_categories(doc, class_ids, categories, class_names)
     names = {}
     for im in doc["images"]:
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
@@ -270,7 +277,8 @@ def import_coco(coco_url: str, archive_url: str, out_url: str, *, categories: Ma
         raise CocoError(f"{coco_url}: not a JSON file ({e})") from None
     # one header read per annotated image (its size), however many annotations it has
     parsed = parse_coco(doc, archive.image_ids, archive.class_ids, functools.lru_cache(maxsize=None)(archive.image_shape),
-                        categories=categories, unannotated=unannotated, source=coco_url)
+                        categories=categories, unannotated=unannotated, source=coco_url,
+                        class_names=list(archive.class_names))
     from ..truemasks import masks_csv
 
     out = {i: {c: rle.encode(m) for c, m in per.items()} for i, per in parsed["masks"].items()}

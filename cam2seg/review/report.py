@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .. import __version__, preprocess, io, metrics, rle, store
+from .. import __version__, io, metrics, rle, store
 from . import overlay, plots
 from ..archive import Archive
+from ..classes import check_same
 from ..artifact import ArtifactError, load_card
 from ..folds import FOLDS_FILE, load_folds
 from ..models.predict import pick_device
@@ -207,9 +208,10 @@ def _sweeps(model_card, seg_cards: dict) -> dict:
 
 
 def _gallery(archive: Archive | None, images_prefix: str | None, store_url: str, table, cls_models, seg_models,
-             store_dice, examples: int, w: _Pictures) -> list[dict]:
+             store_dice, examples: int, w: _Pictures, names: dict[int, str] | None = None) -> list[dict]:
     """Per class, the picked images as rows of captioned panels; ``table``: the store's rows
-    without their masks (image_id, class_id, score, area)."""
+    without their masks (image_id, class_id, score, area); ``names``: class id -> name."""
+    names = names or {}
     t = table.to_pydict()
     rows = {(i, c): (a, s) for i, c, a, s in zip(t["image_id"], t["class_id"], t["area"], t["score"])}
     class_ids = sorted({c for _, c in rows})
@@ -234,12 +236,13 @@ def _gallery(archive: Archive | None, images_prefix: str | None, store_url: str,
     rles = {(i, c): e for i, c, e in zip(enc["image_id"], enc["class_id"], enc["encoded_pixels"])}
     out = []
     for cid, how, ids, values, picks in chosen:
-        section = {"class_id": cid, "how": how, "candidates": len(ids), "examples": []}
+        section = {"class_id": cid, "class_name": names.get(cid, f"class {cid}"), "how": how, "candidates": len(ids),
+                   "examples": []}
         for j, (p, label) in enumerate(picks):
             iid = ids[p]
             url = archive.image_url(iid) if archive is not None else io.join(images_prefix, io.check_key(iid))
             img = io.decode_image(io.read_bytes(url))
-            img = np.array(img if img.ndim == 2 else preprocess.prepare(img, img.shape[:2]))  # writable, for torch
+            img = np.array(img)  # writable, for torch; grey or RGB as stored (each predictor converts it)
             h, wd = img.shape[:2]
             score, code = rows[(iid, cid)][1], rles[(iid, cid)]
             pseudo = rle.decode(code, h, wd) if code else np.zeros((h, wd), bool)
@@ -268,7 +271,7 @@ def _gallery(archive: Archive | None, images_prefix: str | None, store_url: str,
                 panels.append((cap + ")", overlay.mask_overlay(img, m, color)))
             files = [(caption, w.png(f"gallery-c{cid}-{j}-{n}", pic)) for n, (caption, pic) in enumerate(panels)]
             section["examples"].append({"label": label, "image_id": iid, "value": float(values[p]), "panels": files})
-        _log.info(f"  gallery: class {cid}, {len(picks)} of {len(ids)} images")
+        _log.info(f"  gallery: {section['class_name']}, {len(picks)} of {len(ids)} images")
         out.append(section)
     return out
 
@@ -332,9 +335,15 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
         if card.kind != "segmenter":
             raise ArtifactError(f"{url} holds a {card.kind}, not a segmenter")
         seg_cards[url] = card
-    class_ids = (arch.class_ids if arch is not None else model_card.class_ids if model_card is not None
-                 else next(iter(seg_cards.values())).class_ids)
-    names = [f"class {c}" for c in class_ids]
+    source = arch if arch is not None else model_card if model_card is not None else next(iter(seg_cards.values()))
+    class_ids = list(source.class_ids)
+    names = list(source.class_names) if arch is not None else source.names
+    for what, card in ([(model, model_card)] if model_card is not None else []) + list(seg_cards.items()):
+        if arch is not None:
+            check_same(card.names, what, names, f"archive {arch.source}")
+    if newest is not None and newest.names is not None:
+        check_same(newest.names, f"label store {store_url}", names,
+                   f"archive {arch.source}" if arch is not None else model or next(iter(seg_cards), ""))
     ctx: dict = {"version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "names": names, "inputs": [], "fmt": _fmt, "pct": _pct, "notes": []}
     if arch is not None:
@@ -397,7 +406,8 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
             _log.info("report: gallery")
             cls = _load_predictor(model, dev) if model_card is not None else None
             segs = {url.rstrip("/").rsplit("/", 1)[-1]: _load_predictor(url, dev) for url in seg_cards}
-            ctx["gallery"] = _gallery(arch, newest.images, store_url, table, cls, segs, store_dice, examples, w)
+            ctx["gallery"] = _gallery(arch, newest.images, store_url, table, cls, segs, store_dice, examples, w,
+                                      dict(zip(class_ids, names)))
             sections.append("gallery")
     else:
         ctx["notes"].append("no label store given: no score distributions or gallery")

@@ -1,4 +1,4 @@
-"""A synthetic Severstal-like archive: rolled-steel strips with four kinds of localised defect.
+"""A synthetic Severstal-like archive: rolled-steel strips with localised defects of C classes.
 
 The generator is a fair test bed for weakly supervised segmentation: each class has its own
 look *and* its own geometry, fitted to the real Severstal masks (the reference numbers in
@@ -6,16 +6,30 @@ look *and* its own geometry, fitted to the real Severstal masks (the reference n
 learn to ignore (texture, banding, gradients, and bright glare or dark off-strip areas near
 the left/right edge that are not defects).
 
+The default archive has Severstal's four classes, one per defect family:
+
 * class 1, pitting: clusters of small compact dark blobs with a speckled texture;
 * class 2, streaks: thin bright vertical streaks, often touching the top or bottom edge;
 * class 3, scratches/patches: striated near-vertical bands, a quarter spanning the full
   height, and some wide patches;
 * class 4, blotches: wide irregular dark blotches with a low fill ratio.
 
-Masks are exactly the pixels whose intensity the defect changed. Geometry is specified at
-Severstal's 256 x 1600 and scaled to the requested size. Every image draws from its own
-generator seeded by (seed, index), so archives are deterministic and can be made in parallel.
-This module computes arrays only; :func:`write_archive` is the thin I/O layer.
+Any count C in 1..16 works: class k has the geometry of family ((k - 1) % 4) + 1, and the
+classes beyond the first four of a family change its look so that a classifier can tell
+them apart (:func:`class_look`): classes 5-8 flip the brightness change (bright pits, dark
+streaks...), classes 9-12 modulate it with a fine checkerboard, classes 13-16 do both.
+
+Colour (``color``): RGB images built in a luma/chroma space (JPEG's YCbCr). The luma is the
+grey image above, so a grey conversion shows every defect as it does today; the background
+gets a slight per-image tint, and each class also moves the chroma towards its own hue
+(C evenly spaced hues), which adds class information. ``color_only``: every class is a
+blotch with the same brightness change, and the classes differ *only* in hue at equal luma,
+so a grey model cannot tell them apart while a colour one can.
+
+Masks are exactly the pixels whose intensity (or colour) the defect changed. Geometry is
+specified at Severstal's 256 x 1600 and scaled to the requested size. Every image draws from
+its own generator seeded by (seed, index), so archives are deterministic and can be made in
+parallel. This module computes arrays only; :func:`write_archive` is the thin I/O layer.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import csv
 import io as _io
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,10 +50,17 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import io, rle
 
-__all__ = ["SynthImage", "generate", "sample_classes", "write_archive", "CLASS_COMBINATIONS"]
+__all__ = ["SynthImage", "generate", "sample_classes", "write_archive", "CLASS_COMBINATIONS", "FAMILIES",
+           "MAX_CLASSES", "class_look", "class_hues", "default_class_names", "check_class_names"]
 
 REF_H, REF_W = 256, 1600
-NUM_CLASSES = 4
+NUM_CLASSES = 4  # Severstal's, and the default
+MAX_CLASSES = 16  # four families x four looks (class_look)
+#: The defect families (geometry and texture), in the order of Severstal's ClassIds 1..4.
+FAMILIES = ("pit", "streak", "scratch", "blotch")
+#: The one family of a ``color_only`` archive: blotches are the largest compact defects, so a
+#: small CNN sees their hue even at 64x400.
+COLOR_ONLY_FAMILY = 4
 
 # Class combinations of the defective images of Kaggle's Severstal train set; per class they
 # sum to its mask counts 897 / 247 / 5150 / 801.
@@ -61,7 +83,8 @@ _COMBO_P /= _COMBO_P.sum()
 
 @dataclass
 class SynthImage:
-    """``image``: uint8[H, W] grayscale; ``masks``: bool[4, H, W] (axis c is ClassId c + 1)."""
+    """``image``: uint8[H, W] grayscale or uint8[H, W, 3] RGB (colour); ``masks``: bool[C, H, W]
+    (axis c is ClassId c + 1)."""
 
     image: np.ndarray
     masks: np.ndarray
@@ -74,21 +97,121 @@ class SynthImage:
 CLASS_MIXES = ("severstal", "balanced")
 
 
-def sample_classes(rng: np.random.Generator, clean_fraction: float = 0.45, mix: str = "severstal") -> tuple[int, ...]:
-    """Defect classes (1-based) of one image: () for a clean one.
+def effective_mix(mix: str, num_classes: int) -> str:
+    """The mix actually drawn: Severstal's combinations exist for its 4 classes only, so any
+    other class count draws "balanced" (the CLI's default mix stays valid with ``--classes 3``)."""
+    if mix not in CLASS_MIXES:
+        raise ValueError(f"unknown class mix {mix!r}; use one of {', '.join(CLASS_MIXES)}")
+    return mix if num_classes == NUM_CLASSES else "balanced"
+
+
+def sample_classes(rng: np.random.Generator, clean_fraction: float = 0.45, mix: str = "severstal",
+                   num_classes: int = NUM_CLASSES) -> tuple[int, ...]:
+    """Defect classes (1-based, in 1..num_classes) of one image: () for a clean one.
 
     ``mix``: "severstal" draws Severstal's class combinations; "balanced" gives each
     defective image one class uniformly, and a second one 15% of the time (for small
-    archives where Severstal's rare classes would have a handful of images).
+    archives where Severstal's rare classes would have a handful of images). With
+    ``num_classes`` other than 4, "severstal" means "balanced" (:func:`effective_mix`).
     """
     if rng.random() < clean_fraction:
         return ()
+    mix = effective_mix(mix, num_classes)
     if mix == "severstal":
         return _COMBOS[rng.choice(len(_COMBOS), p=_COMBO_P)]
-    if mix == "balanced":
-        k = 2 if rng.random() < 0.15 else 1
-        return tuple(sorted(int(c) + 1 for c in rng.choice(NUM_CLASSES, size=k, replace=False)))
-    raise ValueError(f"unknown class mix {mix!r}; use one of {', '.join(CLASS_MIXES)}")
+    k = 2 if rng.random() < 0.15 else 1  # drawn even for one class, so C = 1 uses the same stream
+    return tuple(sorted(int(c) + 1 for c in rng.choice(num_classes, size=min(k, num_classes), replace=False)))
+
+
+# --------------------------------------------------------------------------- classes
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, (int, np.integer)) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"the number of classes must be an integer in 1..{MAX_CLASSES}, got {num_classes!r}")
+
+
+def class_look(class_id: int, color_only: bool = False) -> tuple[int, bool, bool]:
+    """How class ``class_id`` (1-based) looks: (family 1..4, flip the brightness change, checkerboard).
+
+    Classes 1-4 are Severstal's; each later class reuses a family but must not look like its
+    earlier classes, or a classifier could not tell them apart: 5-8 flip the brightness sign,
+    9-12 modulate the change with a fine checkerboard, 13-16 do both. ``color_only``: every
+    class is an unmodified blotch (the classes differ only in hue).
+    """
+    if color_only:
+        return COLOR_ONLY_FAMILY, False, False
+    variant = (class_id - 1) // len(FAMILIES)
+    return (class_id - 1) % len(FAMILIES) + 1, bool(variant & 1), bool(variant & 2)
+
+
+def class_hues(num_classes: int) -> np.ndarray:
+    """float64[C, 2]: the unit chroma direction (Cr, Cb) of each class, C evenly spaced hues
+    starting at red (class 1), so that any two classes are as far apart as C allows."""
+    angle = 2 * np.pi * np.arange(num_classes) / num_classes
+    return np.stack([np.cos(angle), np.sin(angle)], axis=1)
+
+
+def default_class_names(num_classes: int, color_only: bool = False) -> list[str]:
+    """Names of a named archive's classes when none are given.
+
+    The family names ``pit, streak, scratch, blotch``, then ``pit_2, streak_2...`` for the
+    next looks of each family; ``defect`` for one class. ``color_only`` classes are all
+    blotches that differ in hue, so family names would mislead: ``hue_1..hue_C``.
+    """
+    _check_num_classes(num_classes)
+    if num_classes == 1:
+        return ["defect"]
+    if color_only:
+        return [f"hue_{k}" for k in range(1, num_classes + 1)]
+    names = []
+    for k in range(1, num_classes + 1):
+        variant = (k - 1) // len(FAMILIES)
+        family = FAMILIES[(k - 1) % len(FAMILIES)]
+        names.append(family if variant == 0 else f"{family}_{variant + 1}")
+    return names
+
+
+# The archive reader's pattern for a numbered class column (1, class_1, Class1...).
+_NUMBERED = re.compile(r"^(?:class[_ ]?)?(\d+)$", re.IGNORECASE)
+_RESERVED = ("ImageId", "ClassId", "EncodedPixels")
+
+
+def check_class_names(names, num_classes: int) -> list[str]:
+    """The validated class names (a sequence, or one comma-separated string); ValueError naming the problem.
+
+    Names become CSV header cells and train.csv ClassIds, so they must be C of them, unique
+    (ignoring case), non-empty, printable, without commas, quotes or surrounding spaces, not
+    one of the CSV's own column names, and not read as another class's number (``2`` or
+    ``class_2`` is only allowed as the name of class 2).
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    names = list(names)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class name(s) given ({', '.join(map(repr, names))}) for {num_classes} "
+                         f"class(es); give exactly one name per class")
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names, 1):
+        where = f"class name {k} ({name!r})"
+        if not isinstance(name, str):
+            raise ValueError(f"{where} is not a string")
+        if not name.strip():
+            raise ValueError(f"{where} is empty")
+        if name != name.strip():
+            raise ValueError(f"{where} has leading or trailing spaces")
+        if not name.isprintable():
+            raise ValueError(f"{where} has non-printable characters")
+        if "," in name or '"' in name:
+            raise ValueError(f"{where} contains a comma or a quote, which the CSV header cannot hold")
+        if name in _RESERVED:
+            raise ValueError(f"{where} is a column name of the archive's CSVs ({', '.join(_RESERVED)})")
+        m = _NUMBERED.match(name)
+        if m and int(m.group(1)) != k:
+            raise ValueError(f"{where} would read as class {int(m.group(1))}")
+        if name.lower() in seen:
+            raise ValueError(f"{where} repeats class name {seen[name.lower()]} ({names[seen[name.lower()] - 1]!r}); "
+                             f"names must be unique")
+        seen[name.lower()] = k
+    return names
 
 
 # --------------------------------------------------------------------------- shapes
@@ -133,24 +256,24 @@ def _band(rng, h: float, thickness: float, drift: float, taper: bool) -> np.ndar
     return np.abs(x - centre[:, None]) <= half[:, None]
 
 
-def _component(rng, class_id: int, sy: float, sx: float, H: int, alone: bool) -> np.ndarray:
-    """One connected defect component of a class, in its own bounding box.
+def _component(rng, family: int, sy: float, sx: float, H: int, alone: bool) -> np.ndarray:
+    """One connected defect component of a family (1..4), in its own bounding box: bool[h, w].
 
     ``alone``: the mask's only component (a lone pit is larger than the pits of a cluster).
     """
-    if class_id == 1:  # compact pits: median ~40 x 24 at 256x1600
+    if family == 1:  # compact pits: median ~40 x 24 at 256x1600
         k = 1.5 if alone else 1.0
         return _blob(rng, k * _lognormal(rng, 44, 0.35, 14, 140) * sy, k * _lognormal(rng, 27, 0.25, 12, 60) * sx, 0.25)
-    if class_id == 2:  # thin streak: ~164 x 20
+    if family == 2:  # thin streak: ~164 x 20
         h = _lognormal(rng, 175, 0.3, 60, REF_H) * sy
         return _band(rng, h, _lognormal(rng, 17, 0.25, 8, 32) * sx, 2.0 * sx, taper=True)
-    if class_id == 3:
+    if family == 3:
         if rng.random() < 0.15:  # a wide patch
             return _blob(rng, _lognormal(rng, 90, 0.4, 30, REF_H) * sy, _lognormal(rng, 220, 0.6, 60, 700) * sx, 0.3)
         full = rng.random() < 0.25
         h = H if full else _lognormal(rng, 130, 0.5, 30, REF_H) * sy
         return _band(rng, h, _lognormal(rng, 28, 0.4, 10, 90) * sx, 6.0 * sx, taper=not full)
-    # class 4: wide irregular blotch: a core blob and a few lobes overlapping it (fill ~0.6)
+    # family 4: wide irregular blotch: a core blob and a few lobes overlapping it (fill ~0.6)
     h, w = _lognormal(rng, 130, 0.45, 36, REF_H) * sy, _lognormal(rng, 240, 0.55, 45, 1000) * sx
     hh, ww = max(3, int(round(h))), max(3, int(round(w)))
     out = np.zeros((hh, ww), dtype=bool)
@@ -169,11 +292,11 @@ def _component(rng, class_id: int, sy: float, sx: float, H: int, alone: bool) ->
     return out
 
 
-def _n_components(rng, class_id: int) -> int:
-    single = {1: 0.36, 2: 0.8, 3: 0.3, 4: 0.3}[class_id]
+def _n_components(rng, family: int) -> int:
+    single = {1: 0.36, 2: 0.8, 3: 0.3, 4: 0.3}[family]
     if rng.random() < single:
         return 1
-    median, hi = {1: (4, 14), 2: (2, 3), 3: (3, 9), 4: (2.5, 6)}[class_id]
+    median, hi = {1: (4, 14), 2: (2, 3), 3: (3, 9), 4: (2.5, 6)}[family]
     return int(np.clip(round(median * np.exp(0.55 * rng.standard_normal())), 2, hi))
 
 
@@ -209,45 +332,110 @@ def _background(rng, H: int, W: int) -> tuple[np.ndarray, tuple[int, int]]:
     return img, (lo, hi)
 
 
-def _paint(rng, img: np.ndarray, mask: np.ndarray, class_id: int, y0: int, x0: int) -> None:
-    """Change the pixels of one component (mask is its bbox-local footprint at y0, x0)."""
+def _tint(rng, H: int, W: int) -> np.ndarray:
+    """The chroma of a colour strip's background: float32[H, W, 2] (Cr, Cb, 0 = grey).
+
+    Steel is a slightly bluish grey; each image gets its own small tint, drifting a little
+    along the strip like the banding, so that hue alone (without a defect) is not a cue.
+    """
+    tint = np.array([rng.uniform(-3, 3), rng.uniform(0, 6)], dtype=np.float32)
+    drift = rng.uniform(0.5, 2) * _smooth_noise(rng, W, int(rng.integers(4, 16))).astype(np.float32)
+    return np.broadcast_to(tint + drift[None, :, None] * np.array([0.5, 1.0], np.float32), (H, W, 2)).copy()
+
+
+# JPEG's (JFIF) YCbCr -> RGB: each column has zero luma (0.299 R + 0.587 G + 0.114 B), so
+# moving the chroma leaves cv2's RGB2GRAY of the result equal to the luma.
+_CHROMA_TO_RGB = np.array([[1.402, -0.714136, 0.0], [0.0, -0.344136, 1.772]], dtype=np.float32)
+
+
+def _to_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """uint8[H, W, 3] RGB from float luma[H, W] and chroma[H, W, 2] (Cr, Cb around 0).
+
+    Where the full chroma would leave 0..255 (dark pits, glare), it is scaled down instead
+    of clipping a channel, which would change the luma: the grey conversion stays the luma.
+    """
+    y = np.clip(luma, 0, 255)[..., None]
+    d = chroma @ _CHROMA_TO_RGB  # [H, W, 3] offsets from the grey y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(d > 0, (255 - y) / d, np.where(d < 0, y / -d, np.inf))
+    scale = np.minimum(1.0, room.min(axis=-1, keepdims=True))
+    return np.clip(np.rint(y + scale * d), 0, 255).astype(np.uint8)
+
+
+def _paint(rng, img: np.ndarray, mask: np.ndarray, family: int, y0: int, x0: int,
+           flip: bool = False, checker: int = 0) -> None:
+    """Change the pixels of one component (mask is its bbox-local footprint at y0, x0).
+
+    ``img``: float32[H, W] intensity (the luma of a colour image), changed in place.
+    ``flip``: the opposite brightness change; ``checker``: modulate the change with a
+    checkerboard of that cell size (0: none); see :func:`class_look`.
+    """
     h, w = mask.shape
     view = img[y0 : y0 + h, x0 : x0 + w]
-    if class_id == 1:  # dark pits with speckle
+    if family == 1:  # dark pits with speckle
         tex = -rng.uniform(22, 38) - 18 * (rng.random((h, w)) < 0.35)
-    elif class_id == 2:  # bright streak, brightest on its centre line
+    elif family == 2:  # bright streak, brightest on its centre line
         core = np.exp(-(((np.arange(w) - w / 2) / max(w / 3, 1)) ** 2))[None, :]
         tex = rng.uniform(30, 50) * (0.6 + 0.4 * core) * np.ones((h, 1))
-    elif class_id == 3:  # striated: diagonal fine stripes over a lighter band
+    elif family == 3:  # striated: diagonal fine stripes over a lighter band
         yy, xx = np.mgrid[0:h, 0:w]
         tex = rng.uniform(14, 24) + 12 * np.sin((yy + xx * rng.uniform(0.5, 1.5)) * rng.uniform(0.6, 1.0))
     else:  # dark smooth blotch
         tex = -rng.uniform(35, 55) + 4 * rng.standard_normal((h, w))
-    view[mask] += np.broadcast_to(tex, (h, w))[mask].astype(np.float32)
+    tex = np.broadcast_to(tex, (h, w))
+    # Only the later looks transform tex, so classes 1-4 keep today's arithmetic (and bytes).
+    if flip:
+        tex = -tex
+    if checker:
+        yy, xx = np.mgrid[0:h, 0:w]
+        cells = ((yy + y0) // checker + (xx + x0) // checker) % 2
+        tex = tex * (0.35 + 0.65 * cells)  # never 0: every mask pixel still changes
+    view[mask] += tex[mask].astype(np.float32)
 
 
 def generate(rng: np.random.Generator, height: int = REF_H, width: int = REF_W, classes=None,
-             clean_fraction: float = 0.45, mix: str = "severstal") -> SynthImage:
-    """One synthetic image and its true masks. ``classes``: 1-based ids, or None to sample."""
+             clean_fraction: float = 0.45, mix: str = "severstal", num_classes: int = NUM_CLASSES,
+             color: bool = False, color_only: bool = False) -> SynthImage:
+    """One synthetic image and its true masks (see :class:`SynthImage` for shapes and dtypes).
+
+    ``classes``: 1-based ids in 1..num_classes, or None to sample (:func:`sample_classes`).
+    ``color``: an RGB image whose classes also differ in hue; its grey conversion (cv2
+    RGB2GRAY) is, within a grey level, the grey image of the same ``rng`` seed. ``color_only``
+    (implies ``color``): every class looks the same but for its hue. The grey default draws the
+    same random numbers as before these options existed, so its images are unchanged.
+    """
     if height < 32 or width < 64:
         raise ValueError(f"synthetic images need at least 32x64 pixels, got {height}x{width}")
+    _check_num_classes(num_classes)
+    color = color or color_only
     if classes is None:
-        classes = sample_classes(rng, clean_fraction, mix)
+        classes = sample_classes(rng, clean_fraction, mix, num_classes)
+    bad = [c for c in classes if not 1 <= c <= num_classes]
+    if bad:
+        raise ValueError(f"class id(s) {bad} out of range 1..{num_classes}")
     sy, sx = height / REF_H, width / REF_W
     img, (lo, hi) = _background(rng, height, width)
-    masks = np.zeros((NUM_CLASSES, height, width), dtype=bool)
+    # Colour draws from a child generator (spawning does not advance rng), so the luma of a
+    # colour image is the grey image of the same seed: same background, same defects.
+    crng = rng.spawn(1)[0] if color else None
+    chroma = _tint(crng, height, width) if color else None
+    hues = class_hues(num_classes)
+    # The checkerboard's cell: about 6 px at 256x1600, never under 2 px (JPEG would blur 1 px).
+    cell = max(2, int(round(6 * min(sy, sx))))
+    masks = np.zeros((num_classes, height, width), dtype=bool)
     taken = np.zeros((height, width), dtype=bool)
     for class_id in sorted(classes):
-        n = _n_components(rng, class_id)
+        family, flip, checker = class_look(class_id, color_only)
+        n = _n_components(rng, family)
         # Components of one mask cluster around a centre (tight for pits, loose for others).
-        spread = {1: 0.09, 2: 0.15, 3: 0.25, 4: 0.2}[class_id] * width
+        spread = {1: 0.09, 2: 0.15, 3: 0.25, 4: 0.2}[family] * width
         spread *= 4 if rng.random() < 0.3 else 1
         cx = rng.uniform(lo + 0.05 * (hi - lo), hi - 0.05 * (hi - lo))
         for _ in range(n):
-            comp = _component(rng, class_id, sy, sx, height, alone=n == 1)
+            comp = _component(rng, family, sy, sx, height, alone=n == 1)
             h, w = min(comp.shape[0], height), min(comp.shape[1], hi - lo)
             comp = comp[:h, :w]
-            if class_id == 2 and rng.random() < 0.5:  # streaks often run off the top or bottom
+            if family == 2 and rng.random() < 0.5:  # streaks often run off the top or bottom
                 y0 = 0 if rng.random() < 0.5 else height - h
             else:
                 y0 = int(np.clip(rng.normal(height / 2, height * 0.15) - h / 2, 0, height - h))
@@ -255,31 +443,46 @@ def generate(rng: np.random.Generator, height: int = REF_H, width: int = REF_W, 
             footprint = comp & ~taken[y0 : y0 + h, x0 : x0 + w]  # classes never share a pixel
             if not footprint.any():
                 continue
-            _paint(rng, img, footprint, class_id, y0, x0)
+            _paint(rng, img, footprint, family, y0, x0, flip=flip, checker=cell if checker else 0)
+            if color:  # the class's hue on top of the brightness change; colour_only: its only cue
+                chroma[y0 : y0 + h, x0 : x0 + w][footprint] += np.float32(crng.uniform(16, 24)) * hues[class_id - 1]
             masks[class_id - 1, y0 : y0 + h, x0 : x0 + w] |= footprint
             taken[y0 : y0 + h, x0 : x0 + w] |= footprint
+    if color:
+        return SynthImage(image=_to_rgb(img, chroma), masks=masks)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return SynthImage(image=image, masks=masks)
 
 
 # --------------------------------------------------------------------------- archive I/O
+def _look_name(class_id: int, color_only: bool) -> str:
+    """A class's look in words, for synth.json: "pit", "streak, flipped", "scratch, checkered"..."""
+    family, flip, checker = class_look(class_id, color_only)
+    return ", ".join([FAMILIES[family - 1]] + ["flipped"] * flip + ["checkered"] * checker)
+
+
 def _image_id(index: int) -> str:
     return f"synth_{index:07d}.jpg"
 
 
 def _encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
+    """JPEG bytes of a uint8[H, W] grey or uint8[H, W, 3] RGB image."""
     from PIL import Image
 
     buf = _io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    if image.ndim == 3:  # 4:4:4: chroma at full resolution, or 4:2:0 would smear the hue edges of small defects
+        Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
+    else:
+        Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
 def _make_chunk(args) -> list:
-    seed, first, stop, height, width, clean_fraction, mix = args
+    seed, first, stop, height, width, clean_fraction, mix, num_classes, color, color_only = args
     out = []
     for index in range(first, stop):
-        s = generate(np.random.default_rng([seed, index]), height, width, clean_fraction=clean_fraction, mix=mix)
+        s = generate(np.random.default_rng([seed, index]), height, width, clean_fraction=clean_fraction, mix=mix,
+                     num_classes=num_classes, color=color, color_only=color_only)
         out.append((_image_id(index), _encode_jpeg(s.image), rle.encode_many(s.masks), tuple(s.class_ids)))
     return out
 
@@ -306,13 +509,22 @@ def _prepare_target(fs, root: str, out: str, force: bool) -> None:
 
 def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int = REF_W, seed: int = 0,
                   clean_fraction: float = 0.45, workers: int = 1, progress=sys.stderr,
-                  mix: str = "severstal", force: bool | None = None) -> dict:
+                  mix: str = "severstal", force: bool | None = None, num_classes: int = NUM_CLASSES,
+                  class_names=None, color: bool = False, color_only: bool = False) -> dict:
     """Write a synthetic archive in the Severstal layout and return a summary.
 
     ``<out>/train_images/*.jpg``, ``<out>/train.csv`` (masks as Kaggle RLE),
     ``<out>/labels.csv`` (the same labels without masks: ImageId + one 0/1 column per class,
     clean images included) and ``<out>/synth.json`` (the parameters). The CSVs are written
     last, so an interrupted run never leaves an archive that claims images it lacks.
+
+    Classes: ``num_classes`` (1..16; 4 is Severstal's) and ``class_names`` (a sequence, or
+    a comma-separated string; checked by :func:`check_class_names`). The default archive (4
+    classes, grey, no names) is Severstal's layout: labels.csv's header is ``ImageId,1,2,3,4``
+    and train.csv's ClassId the integer, byte for byte as before these options existed. Any
+    other archive is *named*: the header is ``ImageId,<name 1>,...`` and ClassId holds the
+    class's name (:func:`default_class_names` when none are given). ``color``/``color_only``:
+    RGB JPEGs (4:4:4), see :func:`generate`.
 
     ``force``: what to do when ``out`` exists and is not empty. False: refuse (FileExistsError;
     writing a smaller archive over a bigger one would leave old images that the new train.csv
@@ -324,13 +536,25 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
         raise ValueError(f"--images must be at least 1, got {images}")
     if not 0 <= clean_fraction < 1:
         raise ValueError(f"clean fraction must be in [0, 1), got {clean_fraction}")
-    generate(np.random.default_rng(0), height, width, classes=())  # validates the size early
-    sample_classes(np.random.default_rng(0), 0.0, mix)  # and the class mix
+    color = color or color_only
+    # Validates the size and the class count early, before anything is written.
+    generate(np.random.default_rng(0), height, width, classes=(), num_classes=num_classes)
+    sample_classes(np.random.default_rng(0), 0.0, mix, num_classes)  # and the class mix
+    named = class_names is not None or num_classes != NUM_CLASSES or color
+    if class_names is not None:
+        names = check_class_names(class_names, num_classes)
+    elif named:
+        names = default_class_names(num_classes, color_only)
+    else:
+        names = [str(c + 1) for c in range(num_classes)]
+    # A named archive's train.csv holds the name; Severstal's layout the integer ClassId.
+    class_keys = names if named else list(range(1, num_classes + 1))
     t0 = time.perf_counter()
-    rows: list[tuple[str, int, str]] = []
+    rows: list[tuple[str, int | str, str]] = []
     labels: list[tuple[str, list[int]]] = []
     chunk = 64
-    tasks = [(seed, i, min(i + chunk, images), height, width, clean_fraction, mix) for i in range(0, images, chunk)]
+    tasks = [(seed, i, min(i + chunk, images), height, width, clean_fraction, mix, num_classes, color, color_only)
+             for i in range(0, images, chunk)]
     fs, root = io.filesystem(out)
     if force is not None:
         _prepare_target(fs, root, out, force)
@@ -342,8 +566,8 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
         for batch in results:
             for image_id, data, rles, classes in batch:
                 fs.pipe_file(f"{root}/train_images/{image_id}", data)
-                rows.extend((image_id, c + 1, r) for c, r in enumerate(rles) if r)
-                labels.append((image_id, [int(c + 1 in classes) for c in range(NUM_CLASSES)]))
+                rows.extend((image_id, class_keys[c], r) for c, r in enumerate(rles) if r)
+                labels.append((image_id, [int(c + 1 in classes) for c in range(num_classes)]))
             done += len(batch)
             now = time.perf_counter()
             if progress is not None and (now - last > 2 or done == images):
@@ -358,7 +582,7 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
     w.writerows(rows)
     wide_csv = _io.StringIO()
     w = csv.writer(wide_csv, lineterminator="\n")
-    w.writerow(["ImageId"] + [str(c + 1) for c in range(NUM_CLASSES)])
+    w.writerow(["ImageId"] + names)
     w.writerows([iid, *lab] for iid, lab in labels)
     elapsed = time.perf_counter() - t0
     counts = np.array([lab for _, lab in labels]).sum(axis=0)
@@ -368,9 +592,16 @@ def write_archive(out: str, images: int = 1000, height: int = REF_H, width: int 
         "width": width,
         "seed": seed,
         "clean_fraction_requested": clean_fraction,
-        "class_mix": mix,
+        "class_mix": effective_mix(mix, num_classes),
+        "classes": num_classes,
+        "class_names": names,
+        "color": color,
+        "color_only": color_only,
+        "class_looks": [_look_name(k, color_only) for k in range(1, num_classes + 1)],
+        "class_hues_deg": [round(float(np.degrees(np.arctan2(b, a))) % 360, 1) for a, b in class_hues(num_classes)]
+        if color else None,
         "clean_images": int(sum(1 for _, lab in labels if not any(lab))),
-        "images_per_class": {str(c + 1): int(n) for c, n in enumerate(counts)},
+        "images_per_class": {name: int(n) for name, n in zip(names, counts)},
         "masks": len(rows),
         "seconds": round(elapsed, 3),
         "images_per_second": round(images / elapsed, 1),

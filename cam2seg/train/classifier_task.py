@@ -6,8 +6,8 @@ held-out fold twice, with the averaged BatchNorm statistics and with statistics 
 the training images, so the choice of ``swa_update_bn`` rests on numbers; the chosen model's
 held-out probabilities are the fold's out-of-fold predictions (``oof.json``).
 
-Loop config keys besides the loop's own: ``classifier`` (ClassifierConfig as a dict) and
-``num_classes``.
+Loop config keys besides the loop's own: ``classifier`` (ClassifierConfig as a dict),
+``num_classes`` and ``channels`` (1 grey, 3 RGB).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def param_groups(core, cfg: ClassifierConfig) -> list[dict]:
 
 @torch.no_grad()
 def predict(model, images: np.ndarray, batch_size: int, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, probabilities) ``float32[N, C]`` of an eval-mode model over ``uint8[N, H, W]`` images."""
+    """(logits, probabilities) ``float32[N, C]`` of an eval-mode model over ``uint8[N, H, W(, 3)]`` images."""
     return predict_batches(model, (images[i : i + batch_size] for i in range(0, len(images), batch_size)), device, amp)
 
 
 @torch.no_grad()
 def predict_batches(model, batches, device, amp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`predict` over an iterable of ``uint8[B, H, W]`` image batches."""
+    """:func:`predict` over an iterable of ``uint8[B, H, W(, 3)]`` image batches."""
     model.eval()
     out = []
     for images in batches:
@@ -77,10 +77,12 @@ class ClassifierTask:
     def __init__(self, config: dict):
         self.cfg, self.config = ClassifierConfig(**config[self.section]), config
         self.num_classes = int(config["num_classes"])
+        self.channels = int(config.get("channels", 1))
 
     def create_model(self):
         c = self.cfg
-        return create_classifier(c.encoder, self.num_classes, c.hidden, c.dropout, c.pretrained, c.output_stride, c.pool)
+        return create_classifier(c.encoder, self.num_classes, c.hidden, c.dropout, c.pretrained, c.output_stride, c.pool,
+                                 in_chans=self.channels)
 
     def param_groups(self, core) -> list[dict]:
         return param_groups(core, self.cfg)
@@ -94,7 +96,7 @@ class ClassifierTask:
         return tuple(self.cfg.size)
 
     def decode(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Manifest rows -> (images ``uint8[N, h, w]`` at ``size``, labels ``float32[N, C]``)."""
+        """Manifest rows -> (images ``uint8[N, h, w(, 3)]`` at ``size``, labels ``float32[N, C]``)."""
         return decode.classifier_rows(rows, self.config)
 
     @staticmethod

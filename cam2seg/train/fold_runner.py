@@ -299,12 +299,13 @@ def _ingest(cfg, table, configs: dict[int, dict]) -> str:
     # a segmenter's manifest (with or without its mask strings yet) has the masks' height
     channels = len(table.column("labels")[0]) if "height" in table.column_names and table.num_rows else 0
     largest = max((manifest.training_count(table, folds != k) for k in configs), default=0)
-    mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb)
+    image_channels = int(next(iter(configs.values())).get("channels", 1))
+    mode = ingest_mode(cfg.ingest, largest, size, channels, cfg.max_memory_gb, image_channels)
     for k, c in configs.items():
         c["ingest"] = mode
         c["rows"] = {"train": manifest.training_count(table, folds != k), "val": int((folds == k).sum())}
         if mode == "stream":
-            c["stream_ahead_bytes"] = decoded_bytes(cfg.stream_ahead_rows, size, channels)
+            c["stream_ahead_bytes"] = decoded_bytes(cfg.stream_ahead_rows, size, channels, image_channels)
     if mode != "stream":
         return "in memory"
     workers = len(configs) * cfg.workers_per_fold

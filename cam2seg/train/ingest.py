@@ -8,9 +8,9 @@ decoded batches, so the loop and the tasks do not know which one they read:
 * ``train_images()``: this rank's training images in order, for the BatchNorm refresh;
 * ``val()``: every validation row once, with its image id (the out-of-fold predictions).
 
-Each batch holds ``uint8[B, h, w]`` images and the task's targets (``float32[B, C]`` labels for
-the classifier, ``int8[B, C, h, w]`` targets for the segmenter), decoded by the task's
-``decode`` from manifest rows (:mod:`cam2seg.train.manifest`).
+Each batch holds ``uint8[B, h, w]`` (grey) or ``uint8[B, h, w, 3]`` (RGB) images and the task's
+targets (``float32[B, C]`` labels for the classifier, ``int8[B, C, h, w]`` targets for the
+segmenter), decoded by the task's ``decode`` from manifest rows (:mod:`cam2seg.train.manifest`).
 
 :class:`InMemory` decodes the fold once (the whole fold in the worker's RAM: the fast choice for
 an archive that fits). :class:`Streamed` reads the shards Ray Train hands each worker
@@ -33,18 +33,20 @@ from . import data, manifest
 __all__ = ["InMemory", "Streamed", "decode_rows", "fold_datasets", "data_config", "ingest_mode", "decoded_bytes"]
 
 
-def decoded_bytes(rows: int, size: tuple[int, int], target_channels: int) -> int:
-    """Bytes a worker holds for ``rows`` decoded images at ``size`` (uint8) with int8 targets of
-    ``target_channels`` planes each (0 for the classifier's labels)."""
-    return rows * size[0] * size[1] * (1 + target_channels)
+def decoded_bytes(rows: int, size: tuple[int, int], target_channels: int, image_channels: int = 1) -> int:
+    """Bytes a worker holds for ``rows`` decoded images at ``size`` (uint8, ``image_channels``
+    planes) with int8 targets of ``target_channels`` planes each (0 for the classifier's labels)."""
+    return rows * size[0] * size[1] * (image_channels + target_channels)
 
 
-def ingest_mode(setting: str, rows: int, size: tuple[int, int], target_channels: int, max_memory_gb: float) -> str:
+def ingest_mode(setting: str, rows: int, size: tuple[int, int], target_channels: int, max_memory_gb: float,
+                image_channels: int = 1) -> str:
     """"memory" or "stream" for ``setting`` ("auto" streams when one worker would hold more
     than ``max_memory_gb`` of decoded training images and targets)."""
     if setting != "auto":
         return setting
-    return "stream" if decoded_bytes(rows, size, target_channels) > max_memory_gb * 2**30 else "memory"
+    over = decoded_bytes(rows, size, target_channels, image_channels) > max_memory_gb * 2**30
+    return "stream" if over else "memory"
 
 
 class InMemory:
@@ -73,7 +75,7 @@ class InMemory:
 
 
 def decode_rows(rows: pa.Table, config: dict, train: bool = False) -> dict:
-    """``map_batches`` function: manifest rows -> ``{"image": uint8[B, h, w], "target": the task's
+    """``map_batches`` function: manifest rows -> ``{"image": uint8[B, h, w(, 3)], "target": the task's
     targets, "image_id": str[B]}``, decoded as the loop ``config``'s task decodes
     (:mod:`cam2seg.train.decode`, which imports no torch); ``train``: the rows are training rows
     (each repeated as :func:`cam2seg.train.manifest.training_rows` says). A function, not a callable class: it

@@ -110,9 +110,10 @@ def restore(d: str, core, opt, sched, keeper: swa.TopK) -> tuple[int, list]:
 
 
 @torch.no_grad()
-def update_bn(model, batches, device, mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD) -> None:
+def update_bn(model, batches, device, mean=None, std=None) -> None:
     """Recompute BatchNorm running statistics of averaged weights over ``batches`` (an iterable
-    of ``uint8[B, H, W]`` image batches, read once)."""
+    of ``uint8[B, H, W(, 3)]`` image batches, read once); ``mean``/``std`` None: the images' own
+    channels' normalisation (:func:`cam2seg.preprocess.to_input`)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         for _ in batches:  # a streamed split is read to its end on every rank (see ingest.Streamed)

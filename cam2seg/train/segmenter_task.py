@@ -8,7 +8,7 @@ the end the ``swa_epochs`` best epochs are averaged (1: the best epoch), with Ba
 statistics recomputed when more than one was.
 
 Loop config keys besides the loop's own: ``segmenter`` (SegmenterConfig as a dict),
-``num_classes``, ``size`` (the training HEIGHT, WIDTH) and ``refine`` (true: the masks are
+``num_classes``, ``channels`` (1 grey, 3 RGB), ``size`` (the training HEIGHT, WIDTH) and ``refine`` (true: the masks are
 pseudo-masks, refined with the image-level labels; false: true masks, used as they are).
 """
 
@@ -36,11 +36,13 @@ class SegmenterTask:
         self.cfg, self.config = SegmenterConfig(**config[self.section]), config
         self.num_classes, self.size = int(config["num_classes"]), tuple(config["size"])
         self.refine = bool(config["refine"])
+        self.channels = int(config.get("channels", 1))
         self.ignored_px = self.total_px = 0
 
     def create_model(self):
         c = self.cfg
-        return create_segmenter(c.architecture, c.encoder, self.num_classes, c.encoder_weights, c.decoder_channels)
+        return create_segmenter(c.architecture, c.encoder, self.num_classes, c.encoder_weights, c.decoder_channels,
+                                in_channels=self.channels)
 
     def param_groups(self, core) -> list[dict]:
         return [{"params": core.parameters(), "lr": self.cfg.lr}]
@@ -50,7 +52,7 @@ class SegmenterTask:
         return {"lr": lrs[0]}
 
     def decode(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Manifest rows -> (images ``uint8[N, h, w]``, targets ``int8[N, C, h, w]`` in {0, 1, IGNORE})."""
+        """Manifest rows -> (images ``uint8[N, h, w(, 3)]``, targets ``int8[N, C, h, w]`` in {0, 1, IGNORE})."""
         return decode.segmenter_rows(rows, self.config)
 
     def observe(self, targets: np.ndarray) -> None:
@@ -67,7 +69,7 @@ class SegmenterTask:
 
     @staticmethod
     def augment(augment, imgs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The same random transform on each image ``uint8[h, w]`` and its targets ``int8[C, h, w]``."""
+        """The same random transform on each image ``uint8[h, w(, 3)]`` and its targets ``int8[C, h, w]``."""
         if augment is None:
             return imgs, targets
         out_i, out_t = [], []

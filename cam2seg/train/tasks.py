@@ -6,7 +6,7 @@ config section (the fields of ``cam2seg.config._FoldTraining`` and its own):
 * ``create_model()``, ``param_groups(core)`` (Adam's groups, each with its ``lr``) and
   ``lr_fields(lrs)`` (how the rates appear in a history row);
 * ``size`` (HEIGHT, WIDTH) and ``decode(rows)``: manifest rows (:mod:`cam2seg.train.manifest`) ->
-  (images ``uint8[N, h, w]``, targets); ``observe(targets)`` sees the training targets as they
+  (images ``uint8[N, h, w(, 3)]``, targets); ``observe(targets)`` sees the training targets as they
   are read and ``load_note()`` says what it saw, on the load line;
 * ``augment(augment, images, targets)``, ``loss(logits, targets)`` (float32 logits);
 * ``validate(core, source, device, amp)`` -> :class:`cam2seg.train.loop.Validation`;
