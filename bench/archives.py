@@ -7,6 +7,7 @@ classes, 25% clean, with the seed's own archive and training):
 * ``grey3``: three classes of the same geometry as ``colour3`` (pits, streaks, scratches), grey;
 * ``colour3``: the same three classes with names (pit, scratch, stain) in colour: each class also
   has its own hue; the model reads RGB (``channels: auto`` detects it);
+* ``colour3-grey``: the ``colour3`` archive read as grey (``channels: 1``);
 * ``hue1`` / ``hue3``: one archive whose three classes have the same shape and brightness and differ
   only in hue (``synth --color-only``), read as grey (``channels: 1``) and as RGB (``channels: 3``).
 
@@ -47,6 +48,8 @@ CASES = {
     "grey4": ({}, "auto"),
     "grey3": ({"num_classes": 3, "class_names": ["pit", "streak", "scratch"]}, "auto"),
     "colour3": ({"num_classes": 3, "class_names": ["pit", "scratch", "stain"], "color": True}, "auto"),
+    # the colour3 archive read as grey: what the RGB input itself adds on that archive
+    "colour3-grey": ({"num_classes": 3, "class_names": ["pit", "scratch", "stain"], "color": True}, "1"),
     "hue1": ({"num_classes": 3, "class_names": ["red", "green", "blue"], "color_only": True}, "1"),
     "hue3": ({"num_classes": 3, "class_names": ["red", "green", "blue"], "color_only": True}, "3"),
 }
@@ -61,7 +64,7 @@ def _figures(dice: np.ndarray, true_area: np.ndarray) -> list[float]:
 def run_case(work: str, case: str, seed: int, images: int, epochs: int | None = None) -> dict:
     opts, channels = CASES[case]
     small = load_config(None, base=_preset("small")).classifier
-    arch_dir = io.join(work, f"{'hue' if case.startswith('hue') else case}-s{seed}", "archive")
+    arch_dir = io.join(work, f"{_archive_of(case)}-s{seed}", "archive")
     if not io.exists(io.join(arch_dir, "labels.csv")):
         s = load_config(None, base=_preset("small")).synth
         synth.write_archive(arch_dir, images, s.height, s.width, seed, s.clean_fraction, 2, progress=None,
@@ -82,6 +85,11 @@ def run_case(work: str, case: str, seed: int, images: int, epochs: int | None = 
     auc = [v for v in card.metrics["oof_auc"].values()]
     return {"case": case, "seed": seed, "classes": card.names, "channels": card.channels, "rows": rows,
             "oof_auc": auc, "train_seconds": round(train_s, 1)}
+
+
+def _archive_of(case: str) -> str:
+    """Cases that read one archive two ways share it."""
+    return "hue" if case.startswith("hue") else case.split("-")[0]
 
 
 def _preset(name: str) -> dict:
