@@ -159,7 +159,7 @@ def cmd_label(args) -> int:
 
     cfg = effective_config(args).label
     summary = label_archive(args.model, args.images, args.out, cfg, incremental=args.incremental,
-                            relabel=args.relabel, labels=args.labels)
+                            relabel=args.relabel, labels=args.labels, segmenter=args.segmenter)
     print(summary)
     return 0
 
@@ -175,8 +175,9 @@ def cmd_nightly(args) -> int:
 def cmd_train_segmenter(args) -> int:
     from .pipeline.segment import train_segmenter
 
-    cfg = effective_config(args).segmenter
-    card = train_segmenter(args.data, args.masks, args.out, cfg, force=args.force, true_masks=args.true_masks)
+    full = effective_config(args)
+    card = train_segmenter(args.data, args.masks, args.out, full.segmenter, force=args.force,
+                           true_masks=args.true_masks, compose=full.compose)
     mixed = card.training.supervision
     also = f" and the true masks of {mixed['true_mask_images']} image(s)" if mixed else ""
     print(f"segmenter {args.out}: {card.head.architecture} with {card.architecture}, {card.folds} folds, "
@@ -191,7 +192,8 @@ def cmd_evaluate(args) -> int:
 
     if not (args.model or args.store or args.segmenter):
         raise ValueError("give --model (CAM masks, Table 2), --store and/or --segmenter (Table 3)")
-    cfg = effective_config(args).evaluate
+    full = effective_config(args)
+    cfg = full.evaluate
     truth, write = args.truth, not args.no_write
     if args.archive:
         truth, enough, note = _covered_truth(args.truth, args.archive, cfg)
@@ -205,7 +207,8 @@ def cmd_evaluate(args) -> int:
             print(f"wrote Table 2 and the tuned thresholds to {args.model}/model.json")
     if args.store or args.segmenter:
         _, table = evaluate_segmenters(truth, args.segmenter or [], args.store, objective=cfg.objective,
-                                       write=write, batch_size=cfg.batch_size)
+                                       write=write, batch_size=cfg.batch_size, classifier=args.model,
+                                       floor=full.compose.floor, ceiling=full.compose.ceiling)
         print(table)
         if args.segmenter and write:
             print("wrote out-of-fold Dice and tuned thresholds to " + ", ".join(f"{s}/model.json" for s in args.segmenter))
@@ -328,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="ARCHIVE|CSV",
                    help="image-level labels of these images (an archive folder or its train.csv / labels.csv): "
                    "classes they call absent get empty masks, the named ones always get theirs")
+    p.add_argument("--segmenter", metavar="SEG",
+                   help="with a classifier --model: images are labeled by both, the classifier's probability "
+                   "gating each class and this segmenter's map giving its shape, at the setting the segmenter's "
+                   "card holds (what images without labels should get)")
     config_flags(p, "label", ["actors", "batch_size", "method"])
     _archive_flags(p)
     _add_config(p)

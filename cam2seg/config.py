@@ -179,6 +179,10 @@ class ClassifierConfig(_FoldTraining):
     swa_epochs: int = Field(3, ge=1, description="average the weights of this many best epochs")
     swa_update_bn: bool = Field(True, description="recompute BatchNorm statistics for the averaged weights "
                                 "(lowered validation loss by 0.055-0.07 in a measured run; see README)")
+    min_fold_auc: float = Field(0.0, ge=0, le=1, description="fold health check: a fold whose validation ROC-AUC "
+                                "for a class is below this did not learn it, and the run fails saying so instead "
+                                "of writing a model whose ensemble drags that class toward chance (0: off; the "
+                                "small and paper presets use 0.6; a fold under 0.75 is always warned about)")
 
 
 class LabelConfig(_Section):
@@ -255,7 +259,11 @@ class NightlyConfig(_Section):
                                "since it was trained (0: never)")
     data: str | None = Field(None, description="for retraining: the archive (or labels CSV) with the image-level "
                              "labels of the labeled images; its train_images/ must be the images prefix")
-    segmenter: str | None = Field(None, description="for retraining: the segmenter artifact to (re)write")
+    segmenter: str | None = Field(None, description="the segmenter artifact: once it exists, new images are "
+                                  "labeled by the classifier (presence) and it (shape) together; for retraining, "
+                                  "where it is (re)written")
+    compose: bool = Field(True, description="label with the classifier and nightly.segmenter together when the "
+                          "segmenter exists (off: the classifier's CAM masks alone)")
     true_masks: str | None = Field(None, description="for retraining: the reviewers' corrections, a masks file "
                                    "(cam2seg import-coco writes one), trained on as true masks; a changed file "
                                    "makes a retraining due")
@@ -274,6 +282,18 @@ class EvaluateConfig(_Section):
                             "covered images than this and the tuned settings are not written (the cards keep "
                             "their defaults)")
     min_positive_pairs: int = Field(8, ge=1, description="the same for the covered images' non-empty masks")
+
+
+class ComposeConfig(_Section):
+    """How a classifier and a segmenter compose for images without labels (``cam2seg label
+    --segmenter``): the out-of-fold tuning of the gate and threshold per class."""
+
+    tune: bool = Field(True, description="at the end of train-segmenter on a label store, tune the composition "
+                       "with the classifier that made the pseudo-masks, against those pseudo-masks (labels only)")
+    floor: float = Field(0.8, ge=0, le=1, description="per class, the positive-pair Dice kept: at least this "
+                         "fraction of the class's best on the grid (so no class is switched off)")
+    ceiling: float = Field(0.02, ge=0, le=1, description="per class, the most absent (image, class) pairs "
+                           "that may get a mask")
 
 
 class ReportConfig(_Section):
@@ -325,6 +345,7 @@ class Config(_Section):
     segmenter: SegmenterConfig = SegmenterConfig()
     nightly: NightlyConfig = NightlyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compose: ComposeConfig = ComposeConfig()
     report: ReportConfig = ReportConfig()
     export: ExportConfig = ExportConfig()
     import_coco: ImportConfig = ImportConfig()

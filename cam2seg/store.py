@@ -84,14 +84,15 @@ class RunMarker(BaseModel):
     images any model labeled, the nightly rule). ``positives``: images with a non-empty mask per
     class, in the model's class order, once ``complete``. ``labels``: the image-level labels that
     gated the run (classes they call absent were written empty); ``label_gated``: how many of
-    the listed images they covered.
+    the listed images they covered. ``model_version`` of a composed run is
+    ``<classifier version>+<segmenter version>``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     run_id: str
     model: str | None = None
-    model_kind: Literal["classifier", "segmenter"] = "classifier"
+    model_kind: Literal["classifier", "segmenter", "composed"] = "classifier"
     model_version: str | None = None
     images: str | None = None
     listed: int = 0
@@ -110,6 +111,10 @@ class RunMarker(BaseModel):
     label_gated: int = 0
     #: the model's class names in class id order (None on markers from before names)
     class_names: list[str] | None = None
+    #: model_kind "composed": the segmenter that drew the shapes (``model`` gated them) and the
+    #: setting (:class:`cam2seg.models.compose.Composition`)
+    segmenter: str | None = None
+    composition: dict[str, Any] | None = None
 
     @property
     def names(self) -> list[str] | None:

@@ -346,6 +346,33 @@ def random_artifact():
     return write_random_artifact
 
 
+def write_random_segmenter(out: str, size=(64, 400), folds: int = 2, seed: int = 0, channels: int = 3,
+                           metrics: dict | None = None) -> "ModelCard":  # noqa: F821
+    """A random-init segmenter artifact (4 classes, a narrow U-Net): composition and labeling tests
+    need a segmenter, not a good one."""
+    import torch
+
+    from cam2seg.artifact import ModelCard, write_artifact
+    from cam2seg.models.segmenter import Segmenter
+    from cam2seg.preprocess import normalisation
+
+    torch.manual_seed(seed)
+    states = [Segmenter("Unet", "tu-mobilenetv3_small_100", 4, [16, 16, 8, 8, 8], channels).state_dict()
+              for _ in range(folds)]
+    mean, std = normalisation(channels)  # 3 channels read grey images replicated, as the random classifier does
+    card = ModelCard(kind="segmenter", architecture="tu-mobilenetv3_small_100", num_classes=4,
+                     class_ids=[1, 2, 3, 4], input_size=size, grayscale=True, mean=mean, std=std,
+                     head={"architecture": "Unet", "decoder_channels": [16, 16, 8, 8, 8]}, folds=folds,
+                     fold_files=[], metrics=metrics or {}, data={"image_size": list(size)})
+    return write_artifact(out, card, states)
+
+
+@pytest.fixture(scope="session")
+def random_segmenter():
+    """:func:`write_random_segmenter`."""
+    return write_random_segmenter
+
+
 @pytest.fixture(scope="module")
 def s3_module(s3_server):
     """S3 settings in this process's environment for a whole module (so commands and Ray

@@ -33,7 +33,16 @@ def colour_run(tmp_path_factory, local_ray):
     _ok(["synth", str(arch), "--classes", "3", "--class-names", ",".join(NAMES), "--color", "--images", "40",
          "--height", "32", "--width", "200", "--seed", "1"])
     (arch / "train.csv").unlink()  # no true masks: the labels-only case
-    _ok(["train-classifiers", "--data", str(arch / "labels.csv"), "--out", str(model), *TRAIN])
+    # the fold health check: a bar no 1-epoch fold reaches fails the run, naming fold and class, and writes
+    # no model; the folds stay, so the run with the defaults (check off) assembles them without training
+    strict = root / "strict.yaml"
+    strict.write_text("classifier:\n  min_fold_auc: 0.999\n")
+    rc, _, err = run_cli(["train-classifiers", "--data", str(arch / "labels.csv"), "--out", str(model), *TRAIN,
+                          "--config", str(strict)])
+    assert rc == 2 and "fold health check" in err and "validation ROC-AUC for " in err, err[-2000:]
+    assert any(f"for {n} is" in err for n in NAMES) and not (model / "model.json").exists()
+    _, err = _ok(["train-classifiers", "--data", str(arch / "labels.csv"), "--out", str(model), *TRAIN])
+    assert err.count("finished in an earlier run, reusing it") == 2, err[-2000:]
     label_out, _ = _ok(["label", "--model", str(model), "--images", str(arch / "train_images"), "--out", str(st),
                         "--labels", str(arch)])
     _ok(["train-segmenter", "--data", str(arch), "--masks", str(st), "--out", str(seg), "--folds", "2",

@@ -213,9 +213,10 @@ def fake_evaluation(monkeypatch):
                                    guided=guided)))
         return {}, "TABLE 2"
 
-    def evaluate_segmenters(truth, segs, store, *, objective, write, batch_size):
+    def evaluate_segmenters(truth, segs, store, *, objective, write, batch_size, classifier, floor, ceiling):
         calls.append(("segmenters", dict(segs=segs, store=store, objective=objective, write=write,
                                          batch_size=batch_size)))
+        calls.append(("compose", dict(classifier=classifier, floor=floor, ceiling=ceiling)))
         return {}, "TABLE 3"
 
     monkeypatch.setattr(cams, "evaluate_cams", evaluate_cams)
@@ -228,11 +229,15 @@ def test_evaluate_flag_over_file_over_default(tmp_path, fake_evaluation, capsys)
     assert cli.main(ev) == 0
     assert fake_evaluation[0] == ("cams", dict(model="M", write=True, objective="kaggle", batch_size=8, guided=True))
     assert fake_evaluation[1][1] == dict(segs=["S1", "S2"], store=None, objective="kaggle", write=True, batch_size=8)
-    cfg = _yaml(tmp_path, "evaluate:\n  objective: positive\n  batch_size: 4\n  guided: false\n")
+    # the composed rows gate with the evaluated classifier, under the compose section's bounds
+    assert fake_evaluation[2][1] == dict(classifier="M", floor=0.8, ceiling=0.02)
+    cfg = _yaml(tmp_path, "evaluate:\n  objective: positive\n  batch_size: 4\n  guided: false\n"
+                          "compose:\n  floor: 0.7\n  ceiling: 0.05\n")
     fake_evaluation.clear()
     assert cli.main([*ev, "--config", cfg]) == 0
     assert fake_evaluation[0][1] == dict(model="M", write=True, objective="positive", batch_size=4, guided=False)
     assert fake_evaluation[1][1]["objective"] == "positive" and fake_evaluation[1][1]["batch_size"] == 4
+    assert fake_evaluation[2][1] == dict(classifier="M", floor=0.7, ceiling=0.05)
     fake_evaluation.clear()
     assert cli.main([*ev, "--config", cfg, "--objective", "kaggle", "--batch-size", "2", "--guided", "--no-write"]) == 0
     assert fake_evaluation[0][1] == dict(model="M", write=False, objective="kaggle", batch_size=2, guided=True)

@@ -291,3 +291,36 @@ def test_label_gates_from_a_folder_or_a_csv(setup, tmp_path):
         label_gates(str(folder), names[:3])
     with pytest.raises(ClassMismatch, match="the model has"):
         label_gates(str(folder), ["pit", "streak", "scratch", "blotch"])  # same count, other names
+
+
+def test_composed_labeling_gates_by_the_classifier_and_draws_with_the_segmenter(local_ray, setup, tmp_path,
+                                                                                random_segmenter):
+    """``segmenter=``: the store holds what the in-process ComposedPredictor gives, at the setting
+    the segmenter's card holds for this classifier; a class whose gate nothing passes stays empty;
+    the marker records the composition."""
+    from cam2seg.models.compose import Composition, load_composed, weights_digest
+
+    model_card = load_predictor(setup["model"], "cpu").card
+    comp = Composition(confidence=[0.0, 0.0, 1.0, 0.0], threshold=0.5, classifier=setup["model"],
+                       classifier_version=weights_digest(model_card), tuned_on="a test")
+    seg = str(tmp_path / "segmenter")
+    seg_card = random_segmenter(seg, size=(32, 200), metrics={"composed": comp.model_dump(mode="json")})
+    out = str(tmp_path / "store")
+    s = label_archive(setup["model"], setup["images"], out, LabelConfig(**CFG), segmenter=seg)
+    assert s["labeled"] == 20 and s["errors"] == 7
+    rows = store.read_masks(out).to_pylist()
+    assert len(rows) == 20 * 4
+    assert all(r["area"] == 0 for r in rows if r["class_id"] == 3)  # gated shut: confidence 1
+    assert sum(r["area"] > 0 for r in rows if r["class_id"] != 3) >= 10
+    composed, why = load_composed(setup["model"], seg, "cpu")
+    assert "a test" in why
+    ids = sorted({r["image_id"] for r in rows})
+    imgs = preprocess.load_images([os.path.join(setup["images"], i) for i in ids], (32, 200))
+    cols = label_images(composed, imgs, [(64, 400)] * len(ids))
+    want = {(i, c): e for i, c, e in zip([i for i in ids for _ in range(4)], cols["class_id"], cols["encoded_pixels"])}
+    assert {(r["image_id"], r["class_id"]): r["encoded_pixels"] for r in rows} == want
+    marker = store.committed_runs(out)[0]
+    assert marker.model_kind == "composed" and marker.segmenter == seg
+    assert marker.composition["confidence"] == [0.0, 0.0, 1.0, 0.0]
+    assert marker.model_version == f"{model_card.version}+{seg_card.version}"
+    assert {r["model_version"] for r in rows} == {marker.model_version}

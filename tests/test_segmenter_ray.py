@@ -124,6 +124,8 @@ def test_table3_scores_store_and_segmenter(trained):
     folder = trained["seg"].rstrip("/").rsplit("/", 1)[-1]
     stored, paper, tuned = "store/as-stored", f"segmenter:{folder}/paper", f"segmenter:{folder}/tuned-per-class"
     assert {stored, paper, tuned, "baseline/all-empty", "baseline/whole-image"} <= set(rows)
+    # the store's classifier is only a folds file: no composed row, and the table says why
+    assert not any(r.startswith("composed:") for r in rows) and "no composed row for" in table
     assert rows.label(paper).endswith("paper (thr 0.2, min 0)") and rows.label(paper) in table
     # the stored row equals Dice computed directly from decoded masks
     t = store.read_masks(trained["store"]).to_pylist()

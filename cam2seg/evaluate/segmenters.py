@@ -16,17 +16,19 @@ a segmenter's tuned setting and rows in its card; :func:`evaluate_segmenters` is
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .. import io, metrics, rle, store
 from . import tuning
 from .cams import TUNED_ROW, CamStats, oof_map_stats, pair_dice
+from .composed import CEILING, FLOOR, oof_probs, shared_folds
 from .rows import Table, card_row_scores, card_rows, scored_rows
 from ..archive import Archive, ArchiveError
-from ..artifact import ModelCard, load_card, update_card
+from ..artifact import ArtifactError, ModelCard, load_card, update_card
 from ..folds import FOLDS_FILE, load_folds
+from ..models.compose import composition_for
 from ..models.predict import load_predictor
 from ..postprocess import PAPER_SEGMENTER, CardPostProcess
 
@@ -138,9 +140,16 @@ class SegmenterScores:
 
 
 def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
-                     objective: str = "kaggle", batch_size: int = 8, device=None) -> SegmenterScores:
+                     objective: str = "kaggle", batch_size: int = 8, device=None, classifier: str | None = None,
+                     floor: float = FLOOR, ceiling: float = CEILING) -> SegmenterScores:
     """Table 3 for the archive at hand (``truth_url``, or an Archive such as
-    :func:`cam2seg.truemasks.covered_archive`'s; nothing written)."""
+    :func:`cam2seg.truemasks.covered_archive`'s; nothing written).
+
+    With a classifier (``classifier``, else the one that made the store's newest run) trained on
+    a segmenter's folds, each such segmenter also gets the composed rows (:mod:`cam2seg.models.compose`):
+    at its card's setting (what an image without labels gets; tuned on pseudo-masks, or the
+    default) and tuned on these true masks under ``floor`` / ``ceiling``
+    (:func:`cam2seg.evaluate.tuning.constrained_sweep`). They lead the table."""
     archive = truth_url if isinstance(truth_url, Archive) else Archive.open(truth_url)
     if not archive.has_masks:
         raise ArchiveError(f"{archive.source} has no masks: masks can only be scored against true masks")
@@ -157,11 +166,13 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
             extra.append((STORE_ROW, labels[STORE_ROW], metrics.score_dice(dice[held], true_area[held])))
         runs = store.committed_runs(store_url)
         marker_model = runs[-1].model if runs else None
+        classifier = classifier or (marker_model if runs and runs[-1].model_kind in ("classifier", "composed")
+                                    else None)
         if marker_model:
             row = _card_cam_row(marker_model)
             if row:
                 extra.append(row)
-    probs = None
+    probs, cls_probs = None, {}
     for url in segmenters:
         card = load_card(url)
         name = _seg_name(card, url)
@@ -175,6 +186,13 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
         pair[ids[1]], labels[ids[1]] = pair_dice(st, tuned.per_class_pp), f"{name}: tuned per class (OOF)"
         res.tuned[url], res.row_ids[url], res.stats[url] = tuned, ids, st
         res.pairs.update({i: pair[i] for i in ids})
+        if classifier:
+            notes += _composed_rows(classifier, url, card, name, folder, archive, st, pair, labels, cls_probs,
+                                    batch_size, device, floor, ceiling)
+            # the card keeps them too, so the report shows what an unlabelled image gets
+            res.row_ids[url] = ids + [k for k in (f"composed:{folder}/card", f"composed:{folder}/tuned-truth")
+                                      if k in pair]
+            res.pairs.update({i: pair[i] for i in res.row_ids[url]})
         cp = tuned.per_class_pp
         notes.append(f"{url}: tuned for the {objective} mean: threshold {cp.threshold}, min_seg_len "
                      f"{cp.min_seg_len}, confidence (map maximum) {cp.confidence}")
@@ -184,6 +202,7 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
         shape = archive.image_shape(archive.image_ids[0])
         image_area = shape[0] * shape[1]
     accepted = probs >= 0.5 if probs is not None else None
+    pair = {k: pair[k] for k in sorted(pair, key=lambda k: not k.startswith("composed:"))}  # unlabelled images first
     rows = scored_rows(pair, labels, true_area, image_area, accepted)
     for rid, label, scores in extra:
         rows[rid], rows.labels[rid] = scores, label
@@ -194,6 +213,35 @@ def score_segmenters(truth_url: str, segmenters: list[str], store_url: str | Non
         notes.append("baseline 'whole image if accepted': classes whose segmenter map maximum is >= 0.5")
     res.rows, res.table = rows, table + ("\n" + "\n".join(notes) if notes else "")
     return res
+
+
+def _composed_rows(classifier: str, url: str, card, name: str, folder: str, archive: Archive, st, pair: dict,
+                   labels: dict, cls_probs: dict, batch_size: int, device, floor: float, ceiling: float) -> list[str]:
+    """Add the composed rows of segmenter ``url`` with ``classifier`` to ``pair`` / ``labels``;
+    returns the notes (a segmenter on other folds than the classifier's gets none, and a note)."""
+    try:
+        cls_card = load_card(classifier)
+        folds = shared_folds(classifier, url, archive)
+    except (ArchiveError, ArtifactError) as e:
+        return [f"no composed row for {url}: {e}"]
+    if classifier not in cls_probs:
+        cls_probs[classifier] = oof_probs(classifier, archive, folds, batch_size, device)
+    comp_st = replace(st, probs=cls_probs[classifier])
+    comp, why = composition_for(card, cls_card)
+    rid = f"composed:{folder}/card"
+    pair[rid] = pair_dice(comp_st, comp.setting())
+    setting = "tuned on pseudo-masks, labels only" if comp.tuned_on and comp.tuned_on.startswith("pseudo") \
+        else ("tuned on " + comp.tuned_on if comp.tuned_on else "default setting")
+    labels[rid] = f"{name} + classifier gate, {setting}: what an unlabelled image gets"
+    tuned = tuning.constrained_sweep(comp_st.h_all, comp_st.h_in, comp_st.true_area, comp_st.probs,
+                                     comp_st.image_area, floor=floor, ceiling=ceiling)
+    rid = f"composed:{folder}/tuned-truth"
+    pair[rid] = pair_dice(comp_st, tuned.pp)
+    labels[rid] = f"{name} + classifier gate, tuned on true masks (floor {floor}, ceiling {ceiling})"
+    missed = [n for n, ok in zip(archive.class_names, tuned.met) if not ok]
+    return [f"{url} + {classifier}: {why}; tuned on true masks: confidence {tuned.pp.confidence}, threshold "
+            f"{tuned.pp.threshold}, min_seg_len {tuned.pp.min_seg_len}"
+            + (f" (ceiling not met for {', '.join(missed)})" if missed else "")]
 
 
 def write_segmenter_scores(url: str, scores: SegmenterScores) -> ModelCard:
@@ -212,11 +260,12 @@ def write_segmenter_scores(url: str, scores: SegmenterScores) -> ModelCard:
 
 def evaluate_segmenters(truth_url: str, segmenters: list[str], store_url: str | None = None, *,
                         objective: str = "kaggle", write: bool = True, batch_size: int = 8,
-                        device=None) -> tuple[Table, str]:
+                        device=None, classifier: str | None = None, floor: float = FLOOR,
+                        ceiling: float = CEILING) -> tuple[Table, str]:
     """:func:`score_segmenters`, then (``write``) :func:`write_segmenter_scores` for each
     segmenter; returns (rows, printed table)."""
     scores = score_segmenters(truth_url, segmenters, store_url, objective=objective, batch_size=batch_size,
-                              device=device)
+                              device=device, classifier=classifier, floor=floor, ceiling=ceiling)
     if write:
         for url in segmenters:
             write_segmenter_scores(url, scores)

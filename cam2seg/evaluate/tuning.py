@@ -16,7 +16,8 @@ import torch
 from .. import metrics
 from ..postprocess import PostProcess
 
-__all__ = ["BINS", "OBJECTIVES", "cam_histograms", "counts_at", "sweep", "Tuned", "DEFAULT_GRID"]
+__all__ = ["BINS", "OBJECTIVES", "cam_histograms", "counts_at", "sweep", "Tuned", "constrained_sweep", "Constrained",
+           "DEFAULT_GRID"]
 
 BINS = 100
 
@@ -92,6 +93,28 @@ class Tuned:
 OBJECTIVES = ("kaggle", "paper", "positive")
 
 
+def _grid(h_all, h_in, true_area, probs, image_area: int, grid: dict):
+    """Pair Dice ``float[N, C, T, Q, M]`` and masked ``bool[N, C, T, Q, M]`` (a non-empty mask
+    kept) at every grid point, with the grid's (threshold, confidence, min_seg_len) arrays."""
+    thr = np.asarray(grid["threshold"])
+    conf = np.asarray(grid["confidence"])
+    min_len = np.round(np.asarray(grid["min_seg_frac"]) * image_area).astype(np.int64)
+    j = np.round(thr * BINS).astype(int)
+    area = _suffix(h_all)[..., j]  # [N, C, T]
+    inter = _suffix(h_in)[..., j]
+    keep_c = probs[:, :, None] >= conf[None, None, :]  # [N, C, Q]
+    keep_m = area[..., None] >= min_len  # [N, C, T, M]
+    keep = keep_c[:, :, None, :, None] & keep_m[:, :, :, None, :] & (area > 0)[..., None, None]
+    p_area = np.where(keep, area[..., None, None], 0)
+    p_inter = np.where(keep, inter[..., None, None], 0)
+    t_area = true_area[:, :, None, None, None]
+    return metrics.dice_from_counts(p_inter, p_area, t_area), keep, (thr, conf, min_len)
+
+
+def _grid_dict(thr, conf, min_len) -> dict:
+    return {"threshold": thr.tolist(), "confidence": conf.tolist(), "min_seg_len": min_len.tolist()}
+
+
 def sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = None,
           objective: str = "kaggle") -> Tuned:
     """Grid search of (threshold, confidence, min_seg_len), globally and per class.
@@ -107,19 +130,7 @@ def sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = No
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     rows = true_area.sum(axis=1) > 0 if objective == "paper" else np.ones(len(true_area), bool)
     h_all, h_in, true_area, probs = h_all[rows], h_in[rows], true_area[rows], probs[rows]
-    thr = np.asarray(grid["threshold"])
-    conf = np.asarray(grid["confidence"])
-    min_len = np.round(np.asarray(grid["min_seg_frac"]) * image_area).astype(np.int64)
-    j = np.round(thr * BINS).astype(int)
-    area = _suffix(h_all)[..., j]  # [N, C, T]
-    inter = _suffix(h_in)[..., j]
-    keep_c = probs[:, :, None] >= conf[None, None, :]  # [N, C, Q]
-    keep_m = area[..., None] >= min_len  # [N, C, T, M]
-    keep = keep_c[:, :, None, :, None] & keep_m[:, :, :, None, :] & (area > 0)[..., None, None]
-    p_area = np.where(keep, area[..., None, None], 0)
-    p_inter = np.where(keep, inter[..., None, None], 0)
-    t_area = true_area[:, :, None, None, None]
-    dice = metrics.dice_from_counts(p_inter, p_area, t_area)  # [N, C, T, Q, M]
+    dice, _, (thr, conf, min_len) = _grid(h_all, h_in, true_area, probs, image_area, grid)
     if objective in ("kaggle", "paper"):
         surface = dice.mean(axis=0)
     else:
@@ -134,4 +145,77 @@ def sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = No
                                min_seg_len=[int(min_len[b[2]]) for b in best])
     return Tuned(global_pp, per_class_pp, float(overall[t, q, m]),
                  float(np.mean([surface[c][b] for c, b in enumerate(best)])), objective, surface,
-                 {"threshold": thr.tolist(), "confidence": conf.tolist(), "min_seg_len": min_len.tolist()})
+                 _grid_dict(thr, conf, min_len))
+
+
+@dataclass
+class Constrained:
+    """What :func:`constrained_sweep` chose per class: the setting, and at it the Kaggle mean over
+    all images, the positive-pair Dice, the share of absent pairs masked (``float[C]`` each),
+    whether the class met both bounds (``bool[C]``) and the floor in force (``float[C]``: the
+    relative floor times the class's best positive-pair Dice on the grid)."""
+
+    pp: PostProcess
+    kaggle: np.ndarray
+    positive: np.ndarray
+    absent_masked: np.ndarray
+    met: np.ndarray
+    floor: np.ndarray
+    grid: dict
+
+    def summary(self) -> dict:
+        """Plain lists, for a model card."""
+        return {"kaggle": self.kaggle.round(5).tolist(), "positive": self.positive.round(5).tolist(),
+                "absent_masked": self.absent_masked.round(5).tolist(), "met": self.met.tolist(),
+                "floor": self.floor.round(5).tolist()}
+
+
+#: the steps by which a class's positive-pair floor is lowered when the ceiling cannot be met at it
+RELAXED = (1.0, 0.75, 0.5, 0.25)
+
+
+def constrained_sweep(h_all, h_in, true_area, probs, image_area: int, grid: dict | None = None, *,
+                      floor: float = 0.8, ceiling: float = 0.02) -> Constrained:
+    """Per class, the grid point with the best Kaggle mean over all images among those whose
+    positive-pair Dice is at least ``floor`` times the class's best positive-pair Dice on the
+    grid and that mask at most ``ceiling`` of the class's absent pairs; so no class is switched
+    off to win the Kaggle mean (an all-empty class has positive-pair Dice 0, under any floor > 0).
+
+    A class where no point meets both keeps the ceiling and lowers its floor in steps
+    (:data:`RELAXED`: 3/4, 1/2, 1/4 of it), never to zero: an image without labels is better left
+    clean than masked where nothing is. Where even the lowest floor leaves no point under the
+    ceiling, it keeps that floor and masks as few absent pairs as it can. ``met`` says which
+    classes met both bounds as given, ``floor`` the floor in force. A class with no positive pair
+    has no floor; one with no absent pair no ceiling. Shapes as :func:`sweep`'s inputs; ``probs``
+    the gate's scores.
+    """
+    if not 0.0 <= floor <= 1.0 or not 0.0 <= ceiling <= 1.0:
+        raise ValueError(f"floor and ceiling must lie in [0, 1], got {floor} and {ceiling}")
+    grid = grid or DEFAULT_GRID
+    dice, keep, (thr, conf, min_len) = _grid(h_all, h_in, true_area, probs, image_area, grid)
+    pos = (true_area > 0)[:, :, None, None, None]
+    absent = ~pos
+    kaggle = dice.mean(axis=0)  # [C, T, Q, M]
+    positive = (dice * pos).sum(axis=0) / np.maximum(pos.sum(axis=0), 1)
+    masked = (keep & absent).sum(axis=0) / np.maximum(absent.sum(axis=0), 1)
+    c = kaggle.shape[0]
+    choice, met, floors = [], np.zeros(c, bool), np.zeros(c)
+    for k in range(c):
+        best = positive[k].max()
+        under = masked[k] <= ceiling + 1e-12
+        for step in RELAXED:
+            floors[k] = floor * step * best
+            # "on": at the floor and, when the class has positive pairs, not switched off
+            on = (positive[k] >= floors[k] - 1e-12) & ((positive[k] > 0) | (best == 0))
+            if (on & under).any():
+                score = np.where(on & under, kaggle[k], -np.inf)
+                met[k] = step == 1.0
+                break
+        else:  # fewest absent pairs masked over the lowest floor, then the best Kaggle mean among those
+            least = np.where(on, masked[k], np.inf).min()
+            score = np.where(on & (masked[k] <= least + 1e-12), kaggle[k], -np.inf)
+        choice.append(np.unravel_index(np.argmax(score), score.shape))
+    pp = PostProcess(confidence=[float(conf[b[1]]) for b in choice], threshold=[float(thr[b[0]]) for b in choice],
+                     min_seg_len=[int(min_len[b[2]]) for b in choice])
+    at = lambda a: np.array([a[k][b] for k, b in enumerate(choice)])  # noqa: E731
+    return Constrained(pp, at(kaggle), at(positive), at(masked), met, floors, _grid_dict(thr, conf, min_len))

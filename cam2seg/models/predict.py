@@ -33,7 +33,7 @@ from ..refine import Refine, refine_maps
 from .classifier import load_fold_models
 from .segmenter import load_segmenters, predict_maps
 
-__all__ = ["Predictor", "load_predictor", "pick_device"]
+__all__ = ["Predictor", "load_predictor", "pick_device", "masks_at"]
 
 
 def pick_device(device=None) -> torch.device:
@@ -106,6 +106,16 @@ class Predictor:
             maps = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=False)
         return maps, scores
 
+    @torch.no_grad()
+    def scores(self, images: np.ndarray, fold: int | None = None) -> torch.Tensor:
+        """Class scores ``float32[B, C]`` alone, without maps: a classifier ensemble's mean
+        probability (one forward, the same values :meth:`maps` returns), a segmenter's map maximum."""
+        models = self.models if fold is None else [self.models[fold]]
+        x = self.inputs(images)
+        if self.kind == "segmenter":
+            return predict_maps(models, x, None)[1]
+        return torch.stack([torch.sigmoid(m(x).float()) for m in models]).mean(0)
+
     def masks(self, images: np.ndarray, shapes, fold: int | None = None,
               postprocess: PostProcess | None = None,
               gate: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
@@ -117,16 +127,23 @@ class Predictor:
         (:func:`cam2seg.postprocess.apply`). Scores stay the model's.
         """
         maps, scores = self.maps(images, fold=fold)
-        pp = postprocess or self.postprocess
-        scores_np = scores.float().cpu().numpy()
-        out = []
-        for i, (h, w) in enumerate(shapes):
-            m = maps[i : i + 1]
-            if tuple(m.shape[-2:]) != (h, w):
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            g = None if gate is None else np.asarray(gate)[i : i + 1]
-            out.append(apply(m.float().cpu().numpy(), scores_np[i : i + 1], pp, g)[0])
-        return out, scores_np
+        return masks_at(maps, scores, shapes, postprocess or self.postprocess, gate)
+
+
+def masks_at(maps: torch.Tensor, scores: torch.Tensor, shapes, pp: PostProcess,
+             gate: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """``maps float[B, C, h, w]`` and ``scores float[B, C]`` -> (one ``bool[C, H_i, W_i]`` per image
+    at its ``shapes[i]``, scores as numpy): each map resized to its image's size, then
+    :func:`cam2seg.postprocess.apply` with ``pp`` and ``gate``."""
+    scores_np = scores.float().cpu().numpy()
+    out = []
+    for i, (h, w) in enumerate(shapes):
+        m = maps[i : i + 1]
+        if tuple(m.shape[-2:]) != (h, w):
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        g = None if gate is None else np.asarray(gate)[i : i + 1]
+        out.append(apply(m.float().cpu().numpy(), scores_np[i : i + 1], pp, g)[0])
+    return out, scores_np
 
 
 def load_predictor(url: str, device=None, *, weights: str = "swa", method: str | None = None,

@@ -29,7 +29,7 @@ from ..train.classifier_task import OOF_FILE
 from ..train.fold_runner import RUNTIME_ONLY, done_url, drop_checkpoints, fit_folds, trained_card
 from ..train.loop import FINAL_FILE, RUN_FIELDS, SWA_FILE
 
-__all__ = ["train_classifiers", "run_key"]
+__all__ = ["train_classifiers", "run_key", "weak_folds", "WeakFoldError"]
 
 _log = logging.getLogger(__name__)
 
@@ -83,10 +83,38 @@ def train_classifiers(data_url: str, out: str, cfg: ClassifierConfig, *, force: 
               f"{' (detected)' if cfg.channels == 'auto' else ''}, for {c} class(es) ("
               + ", ".join(f"{name}: {int(k)} images" for name, k in zip(archive.class_names, archive.labels.sum(0)))
               + ")", t0=t0)
+    fold_aucs = [state.read_json(io.join(done_url(work, k), FINAL_FILE))["auc"] for k in range(cfg.folds)]
+    weak = weak_folds(fold_aucs, list(archive.class_names), cfg.min_fold_auc)
+    doubtful = weak_folds(fold_aucs, list(archive.class_names), max(WARN_FOLD_AUC, cfg.min_fold_auc))
+    if doubtful and not weak:
+        _log.warning(f"warning: fold health: {'; '.join(doubtful)}: such a fold has not learnt the class well, and "
+                     "the ensemble's probability for it is pulled toward chance (classifier.min_fold_auc makes "
+                     "this an error)")
+    if weak:
+        raise WeakFoldError(
+            f"fold health check: {'; '.join(weak)} (classifier.min_fold_auc {cfg.min_fold_auc}). A fold that did not "
+            "learn a class drags every new image's probability for it toward chance, so no model was written. "
+            "Train again with another --seed, more --epochs or a lower lr_encoder (the finished folds stay under "
+            f"{work}); set classifier.min_fold_auc: 0 to accept the folds as they are")
     card = _assemble(out, work, archive, folds, cfg, key, channels, sizes)
     drop_checkpoints(out, cfg)
     _log.info(f"wrote {out} (version {card.version}) in {time.perf_counter() - t0:.0f}s")
     return card
+
+
+WARN_FOLD_AUC = 0.75  # a fold's validation ROC-AUC under this is logged as a warning whatever min_fold_auc is
+
+
+class WeakFoldError(ValueError):
+    """A fold's validation ROC-AUC for some class is under ``classifier.min_fold_auc``."""
+
+
+def weak_folds(fold_aucs: list[list[float]], names: list[str], floor: float) -> list[str]:
+    """One line per (fold, class) whose validation ROC-AUC (``fold_aucs[k][c]``) is under ``floor``;
+    NaN (a fold with no image of a class, or none without it) is not judged."""
+    return [f"fold {k}'s validation ROC-AUC for {names[c]} is {a:.3f}"
+            for k, aucs in enumerate(fold_aucs) for c, a in enumerate(aucs)
+            if a is not None and not np.isnan(a) and a < floor]
 
 
 def _assemble(out, work, archive: Archive, folds: np.ndarray, cfg: ClassifierConfig, key: str,

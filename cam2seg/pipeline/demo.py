@@ -144,7 +144,7 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
     seg = cfg.segmenter
     t = _stage(5, total, f"segmenter on the pseudo-masks ({seg.architecture} with {seg.encoder}, "
                f"{seg.epochs} epochs) on Ray Train")
-    train_segmenter(p["archive"], p["store"], p["segmenter"], seg)
+    train_segmenter(p["archive"], p["store"], p["segmenter"], seg, compose=cfg.compose)
     res.seconds["segmenter (pseudo-masks)"] = time.perf_counter() - t
 
     t = _stage(6, total, "segmenter on the true masks (the upper bound), same folds")
@@ -154,7 +154,8 @@ def run_demo(workdir: str, preset: str = "small", config_path: str | None = None
 
     t = _stage(7, total, "pseudo-masks and segmenters out of fold (the paper's Table 3)")
     _, table = evaluate_segmenters(p["archive"], [p["segmenter"], p["segmenter_truth"]], p["store"],
-                                   objective=OBJECTIVE, batch_size=16)
+                                   objective=OBJECTIVE, batch_size=16, classifier=p["classifier"],
+                                   floor=cfg.compose.floor, ceiling=cfg.compose.ceiling)
     _say(table)
     res.tables.append(table)
     res.seconds["evaluate segmenters"] = time.perf_counter() - t

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,7 @@ from .. import preprocess, io, rle, store
 from ..classes import check_same
 from ..config import LabelConfig, parse_size
 from ..refine import Refine
+from ..models.compose import Composition, load_composed
 from ..models.predict import Predictor, load_predictor
 
 __all__ = ["read_image", "label_images", "label_gates", "Labeler", "read_batch", "write_batch", "label_archive",
@@ -152,10 +154,13 @@ class Labeler:
     split an image's classes across parts (bad images pass through with their error)."""
 
     def __init__(self, model_url: str, method: str, aug_smooth: bool, batch_size: int, threads: int = 1,
-                 refine: dict | None = None):
+                 refine: dict | None = None, segmenter_url: str | None = None, composition: dict | None = None):
         torch.set_num_threads(max(1, threads))
-        self.predictor = load_predictor(model_url, method=method, aug_smooth=aug_smooth,
-                                        refine=Refine(**refine) if refine is not None else None)
+        if segmenter_url:
+            self.predictor, _ = load_composed(model_url, segmenter_url, composition=Composition(**composition))
+        else:
+            self.predictor = load_predictor(model_url, method=method, aug_smooth=aug_smooth,
+                                            refine=Refine(**refine) if refine is not None else None)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -232,21 +237,34 @@ class LabelSummary(dict):
 
 def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig | None = None, *,
                   incremental: bool = False, relabel: bool = False, new_only: bool = False,
-                  labels: str | None = None) -> LabelSummary:
+                  labels: str | None = None, segmenter: str | None = None) -> LabelSummary:
     """Label every image under ``images`` into the store at ``store_url`` (see module doc).
 
     ``incremental``: skip images a committed run labeled with this model version; ``new_only``:
     skip images a committed run labeled with any model (the nightly run's rule). ``relabel``
     overrides both. ``labels``: image-level labels (:func:`label_gates`); a class they say is
     absent gets an empty mask, one they name gets its mask whatever the classifier's score, and
-    images they do not know keep the card's confidence gate. Holds the store's lease for the
-    whole run.
+    images they do not know keep the card's confidence gate. ``segmenter``: a segmenter artifact
+    composed with the classifier at ``model_url`` (:mod:`cam2seg.models.compose`): the classifier's
+    probability gates each class, the segmenter's map gives its shape, at the setting the
+    segmenter's card holds for this classifier (the marker records it). Holds the store's lease
+    for the whole run.
     """
     cfg = cfg or LabelConfig()
     model_url, images, store_url = io.absolute(model_url), io.absolute(images), io.absolute(store_url)
     # The whole artifact is checked here, on the driver (card, every weight file's hash, the
     # network it describes): a broken model fails before anything is listed, not inside actors.
     card = load_predictor(model_url, "cpu").card
+    version, kind, read = card.version, card.kind, _Read(tuple(card.input_size), card.channels)
+    composition = None
+    if segmenter:
+        segmenter = io.absolute(segmenter)
+        composed, why = load_composed(model_url, segmenter, "cpu")
+        composition, version, kind = composed.composition, composed.version, composed.kind
+        read = _read_for(card, composed.shape.card)
+        _log.info(f"composing {model_url} (presence: the classifier's probability) with {segmenter} (shape: the "
+                  f"segmenter's map): {why}; confidence {composition.confidence}, threshold {composition.threshold}, "
+                  f"min_seg_len {composition.min_seg_len}")
     keys = io.list_images(images)
     if not keys:
         raise FileNotFoundError(f"no images under {images} (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
@@ -254,13 +272,14 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     store.check_classes(store_url, card.names, f"model {model_url}")
     run_id = store.new_run_id()
     t0 = time.perf_counter()
-    marker = store.RunMarker(run_id=run_id, model=model_url, model_kind=card.kind, model_version=card.version,
+    marker = store.RunMarker(run_id=run_id, model=model_url, model_kind=kind, model_version=version,
                              images=images, listed=len(keys), start=store.now(),
                              incremental="new-only" if new_only else incremental,
                              # the refinement in force, the card's when the config names none
                              config={**cfg.model_dump(mode="json"), "refine": _dump(cfg.refine or card.postprocess.refine)},
                              labels=io.absolute(labels) if labels else None, class_names=card.names,
-                             label_gated=sum(k in gates for k in keys) if gates else 0)
+                             label_gated=sum(k in gates for k in keys) if gates else 0, segmenter=segmenter,
+                             composition=composition.model_dump(mode="json") if composition else None)
     if gates is not None:
         _log.info(f"image-level labels {labels} gate {marker.label_gated} of the {len(keys)} images; the rest "
                   "keep the model's confidence gate")
@@ -269,16 +288,17 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
             _log.info(f"removed {writer.removed} uncommitted part(s) left by an earlier crashed run")
         skip = (incremental or new_only) and not relabel
         listed = pa.array(keys, pa.string())
-        done = pc.is_in(listed, value_set=store.labeled_ids(store_url, None if new_only else card.version)) \
+        done = pc.is_in(listed, value_set=store.labeled_ids(store_url, None if new_only else version)) \
             if skip else pa.array(np.zeros(len(keys), bool))
         todo = listed.filter(pc.invert(done)).to_pylist()
         marker.to_do = len(todo)
-        by = "any model" if new_only else f"model {card.version}"
+        by = "any model" if new_only else f"model {version}"
         _log.info(f"{len(keys)} images under {images}; {len(keys) - len(todo)} already labeled by {by}; "
-                  f"labeling {len(todo)} with the {card.kind} into {store_url} (run {run_id})")
+                  f"labeling {len(todo)} with the {kind} into {store_url} (run {run_id})")
         positives = np.zeros(card.num_classes, np.int64)
         if todo:
-            for entry in _labeled_parts(todo, model_url, images, store_url, run_id, card, cfg, gates):
+            for entry in _labeled_parts(todo, model_url, images, store_url, run_id, card, cfg, gates,
+                                        version=version, read=read, segmenter=segmenter, composition=composition):
                 positives += np.asarray(entry["positives"], np.int64)
                 part = {k: store.Part(file=entry[k], rows=int(entry[f"{k}_rows"])) if entry[k] else None
                         for k in ("masks", "errors")}
@@ -293,13 +313,28 @@ def label_archive(model_url: str, images: str, store_url: str, cfg: LabelConfig 
     seconds = time.perf_counter() - t0
     return LabelSummary(run_id=run_id, store=store_url, images=images, listed=len(keys), skipped=len(keys) - len(todo),
                         to_do=len(todo), labeled=marker.labeled, errors=marker.errors,
-                        model_version=card.version, new_only=new_only, seconds=seconds,
+                        model_version=version, new_only=new_only, seconds=seconds,
                         images_per_s=len(todo) / seconds if seconds > 0 else 0.0,
                         positives={name: int(p) for name, p in zip(card.names, positives)})
 
 
+class _Read(NamedTuple):
+    """What the read tasks give the Labeler: images at ``size`` (h, w) in ``channels``."""
+
+    size: tuple[int, int]
+    channels: int
+
+
+def _read_for(classifier, segmenter) -> _Read:
+    """A composition reads each image once, at the larger model input and with colour if either
+    model reads colour; each model then resizes or converts its own input."""
+    sizes = [tuple(classifier.input_size), tuple(segmenter.input_size)]
+    return _Read(max(sizes, key=lambda s: s[0] * s[1]), max(classifier.channels, segmenter.channels))
+
+
 def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str, run_id: str, card,
-                   cfg: LabelConfig, gates: dict[str, np.ndarray] | None = None):
+                   cfg: LabelConfig, gates: dict[str, np.ndarray] | None = None, *, version: str,
+                   read: _Read, segmenter: str | None = None, composition=None):
     """The Ray Data chain over ``todo``: one manifest row per written part batch (see module doc)."""
     import ray
 
@@ -319,18 +354,20 @@ def _labeled_parts(todo: list[str], model_url: str, images: str, store_url: str,
         # fewer CPUs than an actor: Ray Data then keeps reads as their own tasks (not fused
         # into the actors), so downloads overlap the CAMs
         .map_batches(read_batch, batch_size=cfg.read_batch, num_cpus=cfg.read_cpus,
-                     fn_kwargs={"prefix": images, "size": tuple(card.input_size), "expect": _expected_size(cfg, card),
+                     fn_kwargs={"prefix": images, "size": read.size, "expect": _expected_size(cfg, card),
                                 "threads": cfg.read_threads, "max_pixels": cfg.max_pixels,
-                                "channels": card.channels})
+                                "channels": read.channels})
         .map_batches(Labeler, batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=actors),
                      fn_constructor_kwargs={"model_url": model_url, "method": cfg.method,
                                             "aug_smooth": cfg.aug_smooth, "batch_size": cfg.batch_size,
                                             "threads": max(1, int(cfg.cpus_per_actor)),
-                                            "refine": cfg.refine.model_dump() if cfg.refine else None})
+                                            "refine": cfg.refine.model_dump() if cfg.refine else None,
+                                            "segmenter_url": segmenter,
+                                            "composition": composition.model_dump() if composition else None})
         .map_batches(write_batch, batch_size=cfg.images_per_file, batch_format="pyarrow",
                      num_cpus=cfg.read_cpus, fn_kwargs={"store_url": store_url, "run_id": run_id,
-                                                        "model_version": card.version,
+                                                        "model_version": version,
                                                         "class_ids": list(card.class_ids)})
     )
     yield from ds.iter_rows()

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .. import io, store
+from ..artifact import CARD_FILE, load_card
 from ..config import Config
 
 __all__ = ["RetrainDecision", "new_labels", "retrain_decision", "run_nightly", "NightlySummary"]
@@ -48,7 +49,7 @@ def retrain_decision(store_url: str, segmenter_url: str | None, threshold: int,
     corrections file ``true_masks`` differs from the one it was trained with."""
     if threshold <= 0:
         return RetrainDecision(False, 0, threshold, "retraining is off (nightly.retrain_after: 0)")
-    from ..artifact import ArtifactError, load_card
+    from ..artifact import ArtifactError
 
     runs = store.committed_runs(store_url)
     trained_on: list[str] = []
@@ -117,6 +118,13 @@ def _check(cfg: Config) -> None:
         raise ValueError("nightly.true_masks is used when the segmenter is retrained: set nightly.retrain_after too")
 
 
+def _composes(n, seg_url: str | None) -> bool:
+    """Whether tonight's images are labeled by the classifier and the segmenter together."""
+    if not (n.compose and seg_url and io.exists(io.join(seg_url, CARD_FILE))):
+        return False
+    return load_card(n.model).kind == "classifier" and load_card(seg_url).kind == "segmenter"
+
+
 def run_nightly(cfg: Config) -> NightlySummary:
     """One nightly run with ``cfg.nightly`` (paths, policy), ``cfg.label`` (the labeling job)
     and ``cfg.segmenter`` (a retraining). Safe to re-run: each step resumes or skips."""
@@ -126,17 +134,18 @@ def run_nightly(cfg: Config) -> NightlySummary:
     n = cfg.nightly
     store_url = io.absolute(n.store)
     t0 = time.perf_counter()
-    label = label_archive(n.model, n.images, store_url, cfg.label, new_only=True)
+    seg_url = io.absolute(n.segmenter) if n.segmenter else None
+    label = label_archive(n.model, n.images, store_url, cfg.label, new_only=True,
+                          segmenter=seg_url if _composes(n, seg_url) else None)
     _log.info(str(label))
     summary = NightlySummary(store=store_url, label=dict(label), segmenter=None, segmenter_version=None)
-    seg_url = io.absolute(n.segmenter) if n.segmenter else None
     decision = retrain_decision(store_url, seg_url, n.retrain_after, n.true_masks)
     _log.info(f"retrain policy: {decision.reason}")
     summary["retrain"] = decision.reason
     if decision.due:
         from .segment import train_segmenter
 
-        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, true_masks=n.true_masks)
+        card = train_segmenter(n.data, store_url, seg_url, cfg.segmenter, true_masks=n.true_masks, compose=cfg.compose)
         summary.update(segmenter=seg_url, segmenter_version=card.version)
     summary["seconds"] = time.perf_counter() - t0
     return summary

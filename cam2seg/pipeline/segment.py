@@ -30,9 +30,9 @@ import pyarrow as pa
 
 from .. import __version__, io, preprocess, store
 from ..train import state
-from ..archive import Archive
-from ..artifact import ModelCard, write_artifact
-from ..config import SegmenterConfig
+from ..archive import Archive, ArchiveError
+from ..artifact import ArtifactError, ModelCard, load_card, write_artifact
+from ..config import ComposeConfig, SegmenterConfig
 from ..train import manifest
 from ..train.fold_runner import config_digest, done_url, drop_checkpoints, fit_folds, trained_card
 from ..folds import FOLDS_FILE, folds_csv, load_folds, make_folds
@@ -70,11 +70,13 @@ def _run_key(cfg: SegmenterConfig, table: pa.Table, masks: str) -> str:
 
 
 def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | None = None, *, force: bool = False,
-                    true_masks: str | None = None) -> ModelCard:
+                    true_masks: str | None = None, compose: ComposeConfig | None = None) -> ModelCard:
     """Train K fold segmenters on the archive at ``data_url`` with ``masks`` ("truth" or a
     label store URL) and write the artifact to ``out`` (model.json, fold-<k>.safetensors,
     folds.csv). ``true_masks``: a masks file (:mod:`cam2seg.truemasks`) whose images train on
-    their true masks instead (mixed supervision; with a store only). Returns its card."""
+    their true masks instead (mixed supervision; with a store only). ``compose``: whether and how
+    the composition with the classifier that made the pseudo-masks is tuned afterwards
+    (:func:`cam2seg.evaluate.composed.tune_labels_only`). Returns its card."""
     cfg = cfg or SegmenterConfig()
     out = io.absolute(out)
     masks = masks if masks == "truth" else io.absolute(masks)
@@ -119,7 +121,7 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     key = _run_key(cfg, table, masks_digest(archive, masks, runs, tm) + f"|{list(archive.class_names)}|{channels}")
     card = trained_card(out, key, force)
     if card is not None:
-        return card
+        return _composed(out, card, archive, masks, source, compose)
     work = io.join(out, "_train", key)
     what = "true masks" if not refine else f"pseudo-masks of {masks}" + (" and true masks" if true is not None else "")
     fit_folds("segmenter", cfg, table, work, k_folds, staged=(SWA_FILE,), t0=t0,
@@ -151,4 +153,41 @@ def train_segmenter(data_url: str, masks: str, out: str, cfg: SegmenterConfig | 
     card = write_artifact(out, card, states, extra={FOLDS_FILE: folds_csv(ids, folds)})
     drop_checkpoints(out, cfg)
     _log.info(f"wrote {out} (segmenter, version {card.version}) in {time.perf_counter() - t0:.0f}s")
-    return card
+    return _composed(out, card, archive, masks, source, compose)
+
+
+def _composed(out: str, card: ModelCard, archive: Archive, masks: str, source: dict,
+              compose: ComposeConfig | None) -> ModelCard:
+    """The card with a composition tuned on the store's pseudo-masks (labels only) with the
+    classifier that made them, unless it has one for that classifier already or tuning is off."""
+    compose = compose or ComposeConfig()
+    model = source.get("label_model")
+    if masks == "truth" or not compose.tune or not model:
+        return card
+    from ..evaluate.composed import METHOD, tune_labels_only, write_composition
+    from ..models.compose import CARD_KEY, weights_digest
+
+    try:
+        classifier = load_card(model)
+    except (ArtifactError, FileNotFoundError, OSError) as e:
+        _log.warning(f"warning: no composition tuned: the classifier {model} that made the masks cannot be read ({e})")
+        return card
+    if classifier.kind != "classifier":
+        return card
+    have = card.metrics.get(CARD_KEY) or {}
+    want = f"pseudo-masks of {masks}"
+    same = dict(classifier_version=weights_digest(classifier), tuned_on=want, floor=compose.floor,
+                ceiling=compose.ceiling, method=METHOD)
+    if all(have.get(k) == v for k, v in same.items()):
+        return card
+    _log.info(f"tuning the composition with {model} out of fold on the {want} (labels only: no true mask read)")
+    try:
+        comp = tune_labels_only(out, model, archive, masks, floor=compose.floor, ceiling=compose.ceiling)
+    except ArchiveError as e:
+        _log.warning(f"warning: no composition tuned: {e}")
+        return card
+    sc = comp.scores
+    _log.info("composition per class (" + ", ".join(archive.class_names) + f"): confidence {comp.confidence}, "
+              f"threshold {comp.threshold}, min_seg_len {comp.min_seg_len}; against the pseudo-masks: Kaggle "
+              f"{sc['kaggle']}, positive-pair {sc['positive']}, absent masked {sc['absent_masked']}")
+    return write_composition(out, comp)

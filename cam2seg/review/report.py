@@ -192,8 +192,10 @@ def _table3(archive: Archive, store_url: str | None, model_card, seg_cards: dict
         rows[CARD_CAM_ROW] = {**cam_row, "label": "CAM masks out of fold, tuned per class (classifier card)"}
     for url, card in seg_cards.items():
         rows.update(card.metrics.get("seg_oof", {}))
-    # baselines last, as in the printed tables
-    order = [k for k in rows if not k.startswith("baseline/")] + [k for k in rows if k.startswith("baseline/")]
+    # what an unlabelled image gets first and baselines last, as in the printed tables
+    order = ([k for k in rows if k.startswith("composed:")]
+             + [k for k in rows if not k.startswith(("composed:", "baseline/"))]
+             + [k for k in rows if k.startswith("baseline/")])
     return {k: rows[k] for k in order}, store_dice
 
 
@@ -316,7 +318,7 @@ def compose_report(*, archive: str | None = None, store_url: str | None = None, 
     if store_url and not runs:
         raise store.StoreError(f"{store_url} holds no committed labeling run")
     newest = runs[-1] if runs else None
-    if model is None and newest is not None and newest.model_kind == "classifier" and newest.model:
+    if model is None and newest is not None and newest.model_kind in ("classifier", "composed") and newest.model:
         model = newest.model
     model_card = None
     if model:

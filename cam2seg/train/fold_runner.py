@@ -37,7 +37,7 @@ _log = logging.getLogger(__name__)
 
 # Settings that change how a run executes but not what it learns: they stay out of run keys.
 RUNTIME_ONLY = {"load_threads", "keep_checkpoints", "max_failures", "workers_per_fold", "cpus_per_worker",
-                "gpus_per_worker", "decoders", "decode_cpus", "stream_ahead_rows"}
+                "gpus_per_worker", "decoders", "decode_cpus", "stream_ahead_rows", "min_fold_auc"}
 
 _POLL_S = 1.0    # how often the driver shows the workers' new lines
 # Ray Train's controller polls its workers every 2 s by default, so it learns that a fold's loop
