@@ -16,7 +16,8 @@ from cam2seg.config import (MAX_CONFIG_BYTES, ClassifierConfig, Config, ConfigEr
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 # The demo presets as they were written in cam2seg/pipeline/demo.py before they became YAML files:
-# the files must hold exactly these values (the demo's behaviour is unchanged).
+# the files must hold exactly these values (the demo's behaviour is unchanged), plus the fold health
+# check that the small and paper presets turn on (classifier.min_fold_auc; it changes no weights).
 _SMALL_UNET = {"encoder": "tu-mobilenetv3_small_100", "decoder_channels": [64, 32, 16, 16, 8]}
 OLD_PRESETS = {
     "quick": {
@@ -29,13 +30,14 @@ OLD_PRESETS = {
     "small": {
         "synth": {"images": 800, "height": 64, "width": 400, "class_mix": "balanced", "clean_fraction": 0.25},
         "classifier": {"encoder": "mobilenetv3_small_100", "folds": 2, "epochs": 30, "size": [64, 400],
-                       "batch_size": 16, "lr_encoder": 3e-3, "load_threads": 2},
+                       "batch_size": 16, "lr_encoder": 3e-3, "load_threads": 2, "min_fold_auc": 0.6},
         "label": {"batch_size": 16},
         "segmenter": {**_SMALL_UNET, "epochs": 6, "size": [64, 400], "batch_size": 8, "lr": 2e-3},
     },
     "paper": {
         "synth": {"images": 4000, "height": 256, "width": 1600, "class_mix": "severstal"},
-        "classifier": {"encoder": "efficientnet_b0", "folds": 5, "epochs": 20, "size": [256, 1600], "batch_size": 64},
+        "classifier": {"encoder": "efficientnet_b0", "folds": 5, "epochs": 20, "size": [256, 1600], "batch_size": 64,
+                       "min_fold_auc": 0.6},
         "label": {},
         "segmenter": {"encoder": "efficientnet-b0", "epochs": 30, "batch_size": 16},
     },

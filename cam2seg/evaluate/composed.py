@@ -47,6 +47,10 @@ METHOD = "constrained_sweep: best Kaggle mean under the floor and ceiling, floor
 def shared_folds(classifier_url: str, segmenter_url: str, archive: Archive) -> dict[str, int]:
     """The folds both models were trained on, for ``archive``'s images; ArchiveError when they
     differ (a composed row would then not be out of fold)."""
+    for url in (classifier_url, segmenter_url):
+        if not io.exists(io.join(url, FOLDS_FILE)):
+            raise ArchiveError(f"{url} has no {FOLDS_FILE}: a composition can only be scored out of fold when both "
+                               "models were trained on the same folds")
     cls_folds = load_folds(io.join(classifier_url, FOLDS_FILE))
     seg_folds = load_folds(io.join(segmenter_url, FOLDS_FILE))
     differ = [i for i in archive.image_ids if cls_folds.get(i) != seg_folds.get(i)]
