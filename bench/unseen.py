@@ -48,7 +48,8 @@ from cam2seg.folds import FOLDS_FILE, load_folds
 from cam2seg.pipeline.demo import PRESETS
 from cam2seg.synthetic import synth
 
-FIGURES = ("positive-pair Dice", "Kaggle mean, all images", "Kaggle mean, defective", "absent pairs masked")
+from archives import FIGURES, _table  # bench/archives.py: the same three figures, the same table
+
 ROWS = ("composed (classifier gate + segmenter shape): what an unlabelled image gets",
         "refined CAM, classifier's gate", "segmenter alone (its card's setting)",
         "composed, U-Net on true masks (upper bound)", "the same night with its labels (reference)", "all-empty")
@@ -136,13 +137,6 @@ def run_seed(work: str, seed: int, images: int) -> dict:
     return {"seed": seed, "classes": card.names, "rows": rows, "oof_auc": list(card.metrics["oof_auc"].values()),
             "fold_auc": fold_auc, "train_images": cut, "night_images": len(ids) - cut,
             "train_seconds": round(train_s, 1)}
-
-
-def _table(title: str, rows: dict[str, list]) -> str:
-    out = [f"| {title} | " + " | ".join(FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
-    for name, vals in rows.items():
-        out.append(f"| {name} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in vals) + " |")
-    return "\n".join(out)
 
 
 def main() -> None:
