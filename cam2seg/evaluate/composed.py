@@ -33,7 +33,7 @@ from ..models.predict import load_predictor
 from . import tuning
 from .cams import CamStats
 
-__all__ = ["shared_folds", "oof_probs", "composed_stats", "tune_composition",
+__all__ = ["shared_folds", "oof_probs", "tune_composition",
            "write_composition", "pseudo_truth", "FLOOR", "CEILING", "METHOD"]
 
 _log = logging.getLogger(__name__)
@@ -81,19 +81,10 @@ def oof_probs(classifier_url: str, archive: Archive, folds: dict[str, int], batc
     return out
 
 
-def composed_stats(seg_stats: CamStats, classifier_url: str, segmenter_url: str, archive: Archive,
-                   batch_size: int = 16, device=None) -> CamStats:
-    """The segmenter's out-of-fold histograms with the classifier's out-of-fold probabilities as
-    the scores the gate tests."""
-    folds = shared_folds(classifier_url, segmenter_url, archive)
-    if list(seg_stats.image_ids) != list(archive.image_ids):
-        raise ValueError("the segmenter's statistics are of other images than the archive's")
-    return replace(seg_stats, probs=oof_probs(classifier_url, archive, folds, batch_size, device))
-
-
 def tune_composition(st: CamStats, classifier_url: str, tuned_on: str, *, floor: float = FLOOR,
                      ceiling: float = CEILING) -> Composition:
-    """The constrained per-class setting on ``st`` (:func:`composed_stats`) as a Composition."""
+    """The constrained per-class setting on ``st`` (a segmenter's out-of-fold statistics whose
+    ``probs`` are the classifier's out-of-fold probabilities: :func:`oof_probs`) as a Composition."""
     res = tuning.constrained_sweep(st.h_all, st.h_in, st.true_area, st.probs, st.image_area,
                                    floor=floor, ceiling=ceiling)
     card = load_card(classifier_url)
